@@ -1,0 +1,124 @@
+"""Dataset registry.
+
+Register a dataset by adding a dict and an entry in ``data_dict``::
+
+    MY_DATASET = {
+        "annotation_path": "/data/my_dataset/train.json",  # a JSON list or a .jsonl file
+        "data_path": "/data/my_dataset",  # media paths in the file are relative to this ("" = as written)
+    }
+    data_dict = {..., "my_dataset": MY_DATASET}
+
+then train with ``--dataset_use my_dataset`` or ``--dataset_use my_dataset%50``
+(keep a seeded 50 % of it; the same subset on every rank).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_DEMO = Path(__file__).resolve().parents[2] / "demo"
+
+# ---- demo datasets, shipped in demo/ (they train out of the box) ------------
+DEMO_SINGLE_IMAGE = {
+    "annotation_path": str(_DEMO / "single_image.json"),
+    "data_path": str(_DEMO),
+}
+DEMO_MULTI_IMAGE = {
+    "annotation_path": str(_DEMO / "multi_image.json"),
+    "data_path": str(_DEMO),
+}
+DEMO_GROUNDING = {
+    "annotation_path": str(_DEMO / "grounding.json"),
+    "data_path": str(_DEMO),
+}
+DEMO_TEXT_ONLY = {
+    "annotation_path": str(_DEMO / "text_only.jsonl"),
+    "data_path": "",
+}
+DEMO_VIDEO = {
+    "annotation_path": str(_DEMO / "video.json"),
+    "data_path": str(_DEMO),
+}
+
+# ---- your datasets ----------------------------------------------------------
+# CAMBRIAN_737K = {
+#     "annotation_path": "/data/cambrian/cambrian_737k.json",
+#     "data_path": "/data/cambrian",
+# }
+
+data_dict = {
+    "demo_single_image": DEMO_SINGLE_IMAGE,
+    "demo_multi_image": DEMO_MULTI_IMAGE,
+    "demo_grounding": DEMO_GROUNDING,
+    "demo_text_only": DEMO_TEXT_ONLY,
+    "demo_video": DEMO_VIDEO,
+    # "cambrian_737k": CAMBRIAN_737K,
+}
+
+_NAME_RATE = re.compile(r"^(?P<name>[^%]+?)(?:%(?P<rate>.*))?$")
+
+
+def parse_sampling_rate(spec: str) -> tuple[str, float]:
+    """Split ``"name%N"`` into (name, N / 100); no ``%`` means 1.0.
+
+    Raises:
+        ValueError: N is not a number in (0, 100].
+
+    Example:
+        >>> parse_sampling_rate("my_ds%50")
+        ('my_ds', 0.5)
+    """
+    match = _NAME_RATE.match(spec.strip())
+    if match is None:
+        raise ValueError(f"dataset entry {spec!r} should look like 'name' or 'name%N'")
+    name, rate = match.group("name").strip(), match.group("rate")
+    if rate is None:
+        return name, 1.0
+    try:
+        percent = float(rate)
+    except ValueError:
+        raise ValueError(f"dataset entry {spec!r}: sampling rate {rate!r} is not a number; use e.g. {name}%50") from None
+    if not 0 < percent <= 100:
+        raise ValueError(f"dataset entry {spec!r}: sampling rate must be in (0, 100], got {rate}")
+    return name, percent / 100.0
+
+
+def data_list(dataset_names: list[str]) -> list[dict]:
+    """Look up registry entries; each result is a copy with ``sampling_rate`` added.
+
+    Args:
+        dataset_names: e.g. ``["demo_single_image%50", "demo_text_only"]``.
+
+    Returns:
+        one dict per name: ``annotation_path``, ``data_path``, ``sampling_rate``
+        and ``name``.
+
+    Raises:
+        ValueError: an unknown name or a malformed rate; the message lists the
+            registered names.
+
+    Example:
+        >>> [d["sampling_rate"] for d in data_list(["demo_single_image%50", "demo_text_only"])]
+        [0.5, 1.0]
+    """
+    configs = []
+    for spec in dataset_names:
+        if not spec.strip():
+            continue
+        try:
+            name, rate = parse_sampling_rate(spec)
+        except ValueError as exc:
+            raise ValueError(f"{exc}. Registered datasets: {', '.join(sorted(data_dict))}") from None
+        if name not in data_dict:
+            raise ValueError(
+                f"unknown dataset {name!r} in --dataset_use; registered datasets: {', '.join(sorted(data_dict))} "
+                f"(register yours in {__file__})"
+            )
+        config = dict(data_dict[name])
+        config["sampling_rate"] = rate
+        config["name"] = name
+        configs.append(config)
+    if not configs:
+        raise ValueError(f"--dataset_use names no dataset; registered datasets: {', '.join(sorted(data_dict))}")
+    return configs

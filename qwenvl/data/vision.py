@@ -1,0 +1,317 @@
+"""Images -> pixel values and grids, the Qwen2-VL way, without torchvision.
+
+One patchifier serves images and videos: an image is a clip of one frame that
+is repeated up to ``temporal_patch_size`` frames, exactly like the model's own
+image processor does. ``tests/data/test_vision.py`` checks the output against
+transformers' ``Qwen2VLImageProcessorPil``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+_BASE64_RE = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}$")
+_DATA_URI_RE = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """What the image/video processor needs, read once from the checkpoint.
+
+    Attributes mirror the names of ``preprocessor_config.json``.
+    """
+
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+    min_pixels: int = 16 * 28 * 28
+    max_pixels: int = 576 * 28 * 28
+
+    @property
+    def factor(self) -> int:
+        """Side lengths are multiples of this (28 for Qwen2/2.5-VL)."""
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_image_processor(cls, processor: Any, min_pixels: int, max_pixels: int) -> "VisionConfig":
+        """Read patch/merge sizes and normalisation from a loaded image processor."""
+        return cls(
+            patch_size=int(processor.patch_size),
+            merge_size=int(processor.merge_size),
+            temporal_patch_size=int(processor.temporal_patch_size),
+            image_mean=tuple(float(x) for x in processor.image_mean),
+            image_std=tuple(float(x) for x in processor.image_std),
+            rescale_factor=float(getattr(processor, "rescale_factor", 1 / 255)),
+            min_pixels=int(min_pixels),
+            max_pixels=int(max_pixels),
+        )
+
+    def normalisation_lut(self) -> np.ndarray:
+        """(256, 3) float32 table: uint8 value -> normalised value per channel.
+
+        Computed with the same float32 operations as the reference processor
+        (rescale, then ``(x - mean) / std``), so a lookup gives identical values.
+        """
+        return _lut(self.rescale_factor, self.image_mean, self.image_std)
+
+
+_LUT_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def _lut(rescale: float, mean: tuple, std: tuple) -> np.ndarray:
+    key = (rescale, mean, std)
+    if key not in _LUT_CACHE:
+        values = np.arange(256, dtype=np.float32)[:, None].repeat(3, axis=1)
+        values = (values * np.float32(rescale)).astype(np.float32)
+        values = (values - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+        _LUT_CACHE[key] = values.astype(np.float32)
+    return _LUT_CACHE[key]
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message says why."""
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Target (height, width): multiples of ``factor``, pixel count in [min_pixels, max_pixels].
+
+    Args:
+        height: source height in pixels.
+        width: source width in pixels.
+        factor: patch_size * merge_size (28).
+        min_pixels: lower bound on height * width after resizing.
+        max_pixels: upper bound on height * width after resizing.
+
+    Returns:
+        (resized_height, resized_width).
+
+    Raises:
+        ImageError: if a side is 0 or the aspect ratio exceeds 200.
+
+    Example:
+        >>> smart_resize(480, 640, 28, 16 * 28 * 28, 576 * 28 * 28)
+        (476, 644)
+    """
+    if height <= 0 or width <= 0:
+        raise ImageError(f"image has an empty side: {width}x{height}")
+    if max(height, width) / min(height, width) > 200:
+        raise ImageError(
+            f"aspect ratio must be at most 200, got {max(height, width) / min(height, width):.1f} ({width}x{height})"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    if h_bar == 0 or w_bar == 0:
+        raise ImageError(f"{width}x{height} image resizes to {w_bar}x{h_bar}: no {factor}x{factor} patch is left")
+    return h_bar, w_bar
+
+
+def image_grid_thw(height: int, width: int, cfg: VisionConfig) -> tuple[int, int, int]:
+    """Patch grid (t, h, w) the processor produces for an image of this size.
+
+    Example:
+        >>> image_grid_thw(480, 640, VisionConfig())
+        (1, 34, 46)
+    """
+    h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    return 1, h // cfg.patch_size, w // cfg.patch_size
+
+
+def num_vision_tokens(grid_thw: tuple[int, int, int] | list[int], merge_size: int) -> int:
+    """LLM tokens for one image/video: t * h * w / merge_size**2."""
+    t, h, w = (int(x) for x in grid_thw)
+    return t * h * w // (merge_size * merge_size)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparent pixels become white.
+
+    Handles P (with or without transparency), RGBA, LA, L, 1, I;16 / I (16/32-bit
+    greyscale, scaled to 8 bits), F, CMYK and YCbCr.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+        if mode == "RGB":
+            return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16"):
+            array = array / 65535.0 * 255.0
+        else:
+            top = array.max() if array.size else 1.0
+            array = array / (top if top > 255 else 255.0) * 255.0
+        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
+
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _decode_base64(text: str) -> bytes | None:
+    """Bytes of an inline image (data URI or bare base64), or None for a path.
+
+    A bare string is taken for base64 only if it has no '.' (paths have an
+    extension, base64 never has a dot), uses the base64 alphabet, and decodes
+    to bytes that start like an image file.
+    """
+    match = _DATA_URI_RE.match(text)
+    if match:
+        try:
+            return base64.b64decode(text[match.end():], validate=False)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageError(f"inline base64 image does not decode: {exc}") from exc
+    if len(text) < 32 or "." in text or not _BASE64_RE.match(text):
+        return None
+    try:
+        raw = base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if raw.startswith(_IMAGE_MAGIC) else None
+
+
+def resolve_path(path: str, data_path: str) -> str:
+    """Join a media path to the dataset's ``data_path`` unless it is absolute."""
+    if os.path.isabs(path) or not data_path:
+        return path
+    return os.path.join(data_path, path)
+
+
+def open_image(source: str, data_path: str = "") -> Image.Image:
+    """Open an image from a path (relative to ``data_path``), a data URI or bare base64.
+
+    EXIF orientation is applied and the result is RGB.
+
+    Raises:
+        ImageError: the file is missing, is not an image, or the base64 is broken.
+    """
+    if not isinstance(source, str) or not source:
+        raise ImageError(f"image reference must be a non-empty string, got {source!r}")
+    raw = _decode_base64(source)
+    try:
+        if raw is not None:
+            image = Image.open(io.BytesIO(raw))
+        else:
+            path = resolve_path(source, data_path)
+            if not os.path.exists(path):
+                raise ImageError(f"image file not found: {path}")
+            image = Image.open(path)
+        image.load()
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        where = "inline image" if raw is not None else resolve_path(source, data_path)
+        raise ImageError(f"cannot decode {where}: {exc}") from exc
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def image_size(source: str, data_path: str = "") -> tuple[int, int]:
+    """(height, width) of an image as the dataset will see it, from the header only.
+
+    Pixels are not decoded. EXIF orientations 5-8 (rotations by 90 degrees)
+    swap the sides, as ``open_image`` does.
+    """
+    raw = _decode_base64(source)
+    try:
+        with Image.open(io.BytesIO(raw) if raw is not None else resolve_path(source, data_path)) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except FileNotFoundError as exc:
+        raise ImageError(f"image file not found: {resolve_path(source, data_path)}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"cannot read the header of {resolve_path(source, data_path)}: {exc}") from exc
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return height, width
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bicubic-resize uint8 frames (T, H, W, 3) to (T, height, width, 3), like the processor."""
+    if frames.shape[1] == height and frames.shape[2] == width:
+        return frames
+    out = np.empty((frames.shape[0], height, width, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        out[i] = np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC))
+    return out
+
+
+def patchify(frames: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Normalise and cut resized uint8 frames into the vision tower's patches.
+
+    Args:
+        frames: (T, H, W, 3) uint8, H and W multiples of ``cfg.factor``. T is
+            padded up to a multiple of ``temporal_patch_size`` by repeating the
+            last frame (one image -> the same frame twice).
+        cfg: patch geometry and normalisation.
+
+    Returns:
+        pixel_values: (t * h * w, 3 * temporal_patch_size * patch_size**2) float32,
+            rows ordered (t, h/merge, w/merge, merge, merge) as the model expects.
+        grid_thw: (t, h, w) in patches.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    num_frames, height, width, _ = frames.shape
+    ps, ms, tps = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    if height % cfg.factor or width % cfg.factor:
+        raise ValueError(f"frame size {width}x{height} is not a multiple of {cfg.factor}")
+    remainder = num_frames % tps
+    if remainder:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], tps - remainder, axis=0)], axis=0)
+    grid_t, grid_h, grid_w = frames.shape[0] // tps, height // ps, width // ps
+    # Gather on uint8 first (4x less memory traffic), normalise the final layout once.
+    patches = frames.reshape(grid_t, tps, grid_h // ms, ms, ps, grid_w // ms, ms, ps, 3)
+    # -> (t, h/m, w/m, m, m, channel, temporal, ps, ps)
+    patches = patches.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    patches = np.ascontiguousarray(patches).reshape(grid_t * grid_h * grid_w, 3, tps * ps * ps)
+    lut = cfg.normalisation_lut()
+    pixel_values = np.empty(patches.shape, dtype=np.float32)
+    for channel in range(3):
+        np.take(lut[:, channel], patches[:, channel], out=pixel_values[:, channel])
+    return pixel_values.reshape(patches.shape[0], 3 * tps * ps * ps), (grid_t, grid_h, grid_w)
+
+
+def process_image(image: Image.Image, cfg: VisionConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """RGB PIL image -> (pixel_values (h*w, 1176) float32, grid (1, h, w)).
+
+    Example:
+        >>> pv, grid = process_image(Image.new("RGB", (640, 480)), VisionConfig())
+        >>> pv.shape, grid
+        ((1564, 1176), (1, 34, 46))
+    """
+    height, width = smart_resize(image.height, image.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    if (image.height, image.width) != (height, width):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    frames = np.asarray(image, dtype=np.uint8)[None]
+    return patchify(frames, cfg)

@@ -1,0 +1,167 @@
+"""Fine-tune Qwen2-VL / Qwen2.5-VL: ``torchrun qwenvl/train/train_qwen.py --dataset_use my_ds%50 ...``.
+
+Read top to bottom: parse flags -> load model by its config's model_type ->
+freeze per the tune flags -> data -> Trainer -> train (resuming from the newest
+checkpoint) -> save model and processor so the folder loads for inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+# `torchrun qwenvl/train/train_qwen.py` runs this file as a script: make `qwenvl` importable.
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
+
+from qwenvl.data.data_qwen import make_supervised_data_module  # noqa: E402
+from qwenvl.data.vision import VisionConfig  # noqa: E402
+from qwenvl.train.argument import DataArguments, ModelArguments, TrainingArguments  # noqa: E402
+from qwenvl.train.trainer import LLM, PROJECTOR, VISION_TOWER, QwenVLTrainer, classify_parameter, describe_trainable  # noqa: E402
+
+logger = logging.getLogger("qwenvl")
+
+MODEL_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """INFO on the main process, warnings only elsewhere."""
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def model_class_for(config: transformers.PretrainedConfig) -> type:
+    """The model class named by the checkpoint's ``model_type`` (not by its path)."""
+    name = MODEL_CLASSES.get(config.model_type)
+    if name is None:
+        raise ValueError(
+            f"model_type {config.model_type!r} is not supported; expected one of {', '.join(MODEL_CLASSES)}"
+        )
+    return getattr(transformers, name)
+
+
+def load_image_processor(path: str, cache_dir: str | None = None):
+    """The checkpoint's image processor; the PIL backend when torchvision is missing."""
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path, cache_dir=cache_dir)
+    except (ImportError, ValueError, OSError):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil.from_pretrained(path, cache_dir=cache_dir)
+
+
+def set_trainable(model: torch.nn.Module, model_args: ModelArguments) -> None:
+    """Freeze per the tune flags; ``lm_head`` and the embeddings follow ``tune_mm_llm``."""
+    wanted = {LLM: model_args.tune_mm_llm, VISION_TOWER: model_args.tune_mm_vision, PROJECTOR: model_args.tune_mm_mlp}
+    for name, param in model.named_parameters():
+        param.requires_grad_(wanted[classify_parameter(name)])
+
+
+def load_model(model_args: ModelArguments, training_args: TrainingArguments) -> torch.nn.Module:
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    model = model_class_for(config).from_pretrained(
+        model_args.model_name_or_path,
+        cache_dir=training_args.cache_dir,
+        attn_implementation=model_args.attn_implementation,
+        dtype=dtype,
+    )
+    # Packed rows are split by the text position ids only when no cache is built (SPEC 9).
+    model.config.use_cache = False
+    if getattr(model.config, "text_config", None) is not None:
+        model.config.text_config.use_cache = False
+    return model
+
+
+def find_resume_checkpoint(output_dir: str) -> str | None:
+    """Newest complete ``checkpoint-*`` in output_dir, or None.
+
+    A run killed while saving leaves a checkpoint folder without
+    ``trainer_state.json`` (the Trainer writes it last); such a folder is
+    skipped with a warning instead of crashing the restart.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for entry in os.listdir(output_dir):
+        prefix, _, step = entry.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isdir(os.path.join(output_dir, entry)):
+            steps.append(int(step))
+    for step in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if os.path.isfile(os.path.join(folder, "trainer_state.json")):
+            return folder
+        logger.warning("skipping incomplete checkpoint %s (no trainer_state.json: the run stopped while saving)",
+                       folder)
+    return None
+
+
+def train(argv: list[str] | None = None) -> Path:
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    setup_logging(training_args)
+
+    model = load_model(model_args, training_args)
+    set_trainable(model, model_args)
+    if training_args.gradient_checkpointing:
+        # Frozen embeddings produce no grad: let checkpointed blocks see inputs that require one.
+        model.enable_input_require_grads()
+        if training_args.gradient_checkpointing_kwargs is None:
+            training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if training_args.should_log:
+        logger.info("model %s (%s, attention %s)\n%s", model_args.model_name_or_path, type(model).__name__,
+                    model_args.attn_implementation, describe_trainable(model))
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, cache_dir=training_args.cache_dir,
+        model_max_length=training_args.model_max_length, padding_side="right",
+    )
+    image_processor = load_image_processor(model_args.model_name_or_path, training_args.cache_dir)
+    vision_config = VisionConfig.from_image_processor(image_processor, data_args.min_pixels, data_args.max_pixels)
+    data_module = make_supervised_data_module(
+        tokenizer,
+        data_args,
+        vision_config,
+        model_type=model.config.model_type,
+        model_max_length=training_args.model_max_length,
+        seed=training_args.seed,
+        tokens_per_second=getattr(model.config.vision_config, "tokens_per_second", 2),
+    )
+
+    trainer = QwenVLTrainer(model=model, args=training_args, processing_class=tokenizer, **data_module)
+    checkpoint = find_resume_checkpoint(training_args.output_dir)
+    if checkpoint is not None:
+        logger.info("resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_state()
+
+    model.config.use_cache = True
+    if getattr(model.config, "text_config", None) is not None:
+        model.config.text_config.use_cache = True
+    trainer.save_model(training_args.output_dir)
+    if trainer.args.should_save:
+        # Saved with the pixel limits used in training, so inference preprocesses the same way.
+        image_processor.size = {"shortest_edge": int(data_args.min_pixels), "longest_edge": int(data_args.max_pixels)}
+        for attr, value in (("min_pixels", data_args.min_pixels), ("max_pixels", data_args.max_pixels)):
+            if hasattr(image_processor, attr):
+                setattr(image_processor, attr, int(value))
+        tokenizer.save_pretrained(training_args.output_dir)
+        image_processor.save_pretrained(training_args.output_dir)
+    return Path(training_args.output_dir)
+
+
+if __name__ == "__main__":
+    train()

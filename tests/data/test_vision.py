@@ -1,0 +1,110 @@
+"""qwenvl/data/vision.py against transformers' own Qwen2-VL image processor."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+from qwenvl.data.vision import (
+    ImageError,
+    VisionConfig,
+    image_grid_thw,
+    image_size,
+    open_image,
+    process_image,
+    smart_resize,
+    to_rgb,
+)
+
+MIN, MAX = 16 * 28 * 28, 576 * 28 * 28
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Qwen2VLImageProcessorPil(min_pixels=MIN, max_pixels=MAX)
+
+
+@pytest.fixture(scope="module")
+def cfg(reference):
+    return VisionConfig.from_image_processor(reference, MIN, MAX)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (100, 50), (1000, 30), (56, 56), (1920, 1080), (29, 300), (27, 27)])
+def test_process_image_matches_transformers(reference, cfg, size):
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    expected = reference(images=[image], return_tensors="np")
+    pixel_values, grid = process_image(image, cfg)
+    assert list(grid) == expected["image_grid_thw"][0].tolist()
+    assert pixel_values.shape == expected["pixel_values"].shape
+    assert pixel_values.shape == (grid[0] * grid[1] * grid[2], 3 * 2 * 14 * 14)
+    np.testing.assert_allclose(pixel_values, expected["pixel_values"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("height,width", [(480, 640), (10, 2000), (5000, 5000), (28, 28), (1, 200), (300, 7)])
+def test_smart_resize_equals_reference_rule(height, width):
+    assert smart_resize(height, width, 28, MIN, MAX) == hf_smart_resize(height, width, 28, MIN, MAX)
+
+
+def test_aspect_ratio_over_200_is_rejected():
+    with pytest.raises(ImageError, match="aspect ratio must be at most 200, got 201.0"):
+        smart_resize(10, 2010, 28, MIN, MAX)
+
+
+def test_grid_from_size_equals_processed_grid(cfg):
+    for width, height in [(640, 480), (333, 777), (64, 64)]:
+        _, grid = process_image(Image.new("RGB", (width, height)), cfg)
+        assert image_grid_thw(height, width, cfg) == grid
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_inline_base64_and_data_uri_decode_to_the_same_pixels(tmp_path):
+    image = Image.fromarray(np.arange(56 * 56 * 3, dtype=np.uint8).reshape(56, 56, 3))
+    raw = _png_bytes(image)
+    (tmp_path / "x.png").write_bytes(raw)
+    encoded = base64.b64encode(raw).decode()
+    from_file = np.asarray(open_image("x.png", str(tmp_path)))
+    np.testing.assert_array_equal(np.asarray(open_image(f"data:image/png;base64,{encoded}")), from_file)
+    np.testing.assert_array_equal(np.asarray(open_image(encoded)), from_file)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(ImageError, match=f"image file not found: {tmp_path}/nope.jpg"):
+        open_image("nope.jpg", str(tmp_path))
+
+
+def test_modes_convert_to_rgb():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
+    assert to_rgb(half).getpixel((0, 0)) == (127, 127, 127)
+    grey16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert grey16.mode.startswith("I;16")
+    assert to_rgb(grey16).getpixel((0, 0)) == (255, 255, 255)
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))
+    assert to_rgb(cmyk).getpixel((0, 0)) == (255, 0, 0)
+    palette = Image.new("P", (4, 4))
+    palette.putpalette([0, 0, 255] * 256)
+    assert to_rgb(palette).getpixel((0, 0)) == (0, 0, 255)
+    assert to_rgb(Image.new("L", (4, 4), 9)).getpixel((0, 0)) == (9, 9, 9)
+
+
+def test_exif_rotation_is_applied_and_header_size_agrees(tmp_path):
+    image = Image.new("RGB", (60, 30), (0, 255, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    image.save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    opened = open_image("rot.jpg", str(tmp_path))
+    assert opened.size == (30, 60)
+    assert image_size("rot.jpg", str(tmp_path)) == (60, 30)  # (height, width) as opened
