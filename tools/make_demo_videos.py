@@ -48,8 +48,6 @@ DEMO_CLIPS = (
          colour=(20, 160, 60), background=(30, 30, 40)),
 )
 
-DEMO_IMAGE = "poster.png"  # used by the image+video demo sample when demo/images/ has no image
-
 
 def render_frame(clip: Clip, index: int) -> np.ndarray:
     """Frame ``index`` of ``clip`` as uint8 (height, width, 3): the shape moves left to right.
@@ -117,17 +115,6 @@ def write_clip(clip: Clip, output_dir: str | Path) -> Path:
     return write_video(Path(output_dir) / clip.name, frames, clip.fps)
 
 
-def write_poster(output_dir: str | Path) -> Path:
-    """A small still image (PNG, 140x112) for the image+video demo sample."""
-    from PIL import Image
-
-    clip = DEMO_CLIPS[1]
-    frame = render_frame(Clip(DEMO_IMAGE, 1, 1, 140, 112, clip.shape, clip.colour, clip.background), 0)
-    path = Path(output_dir) / DEMO_IMAGE
-    Image.fromarray(frame).save(path)
-    return path
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=str(REPO_ROOT / "demo" / "videos"))
@@ -135,7 +122,6 @@ def main(argv: list[str] | None = None) -> None:
     for clip in DEMO_CLIPS:
         path = write_clip(clip, args.output_dir)
         print(f"wrote {path} ({path.stat().st_size} bytes, {clip.num_frames} frames at {clip.fps} fps)")
-    print(f"wrote {write_poster(args.output_dir)}")
 
 
 if __name__ == "__main__":
