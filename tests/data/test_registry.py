@@ -46,20 +46,16 @@ def test_sampling_is_seeded_and_depends_on_name():
     assert sample_indices(1000, 0.1, seed=42, name="b") != first
 
 
-_SUBSET_SCRIPT = """
-import json, os, sys
-from qwenvl.data.data_qwen import sample_indices
-print(json.dumps({"rank": os.environ["RANK"], "kept": sample_indices(5000, 0.37, seed=7, name="my_ds")}))
-"""
-
-
-def test_two_ranks_keep_the_same_subset():
-    """Two separate processes (different hash seeds, like two ranks) agree on the subset."""
-    outputs = []
-    for rank in ("0", "1"):
-        env = python_env() | {"RANK": rank, "PYTHONHASHSEED": str(100 + int(rank))}
-        result = subprocess.run([PYTHON, "-c", _SUBSET_SCRIPT], env=env, cwd=REPO_ROOT, capture_output=True,
-                                text=True, check=True, timeout=120)
-        outputs.append(json.loads(result.stdout))
-    assert len(outputs[0]["kept"]) == int(5000 * 0.37)
-    assert outputs[0]["kept"] == outputs[1]["kept"]
+def test_two_ranks_keep_the_same_subset(tiny_model_dir, tmp_path):
+    """torchrun with 2 processes (each with its own hash seed): both ranks keep the same seeded subset."""
+    command = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+               str(REPO_ROOT / "tests" / "data" / "subset_worker.py"), str(tiny_model_dir), str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    single = [i for name, i in rank0 if name == "demo_single_image"]
+    text = [i for name, i in rank0 if name == "demo_text_only"]
+    assert len(single) == 12 // 2 and len(text) == int(8 * 0.4)
+    assert rank0 == rank1
+    assert single == sample_indices(12, 0.5, seed=1234, name="demo_single_image")

@@ -1,0 +1,88 @@
+"""End to end: scripts/sft_demo.sh (torchrun, 2 CPU processes) trains, checkpoints, resumes and saves a loadable model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT, python_env
+
+pytestmark = pytest.mark.slow
+
+DATASETS = "demo_single_image,demo_multi_image,demo_grounding,demo_text_only"
+
+
+def demo_command(model_dir: Path, output_dir: Path, port: int) -> tuple[list[str], dict]:
+    env = python_env() | {
+        "PY": os.environ.get("PYTHON_FOR_TESTS", __import__("sys").executable),
+        "MODEL": str(model_dir),
+        "OUTPUT": str(output_dir),
+        "MAX_STEPS": "12",
+        "SAVE_STEPS": "6",
+        "DATASETS": DATASETS,
+        "MASTER_PORT": str(port),
+    }
+    return ["bash", "scripts/sft_demo.sh"], env
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"training exited with {process.returncode} before writing {path}")
+        if time.time() > deadline:
+            raise AssertionError(f"{path} not written within {timeout}s")
+        time.sleep(0.5)
+
+
+def test_demo_trains_checkpoints_resumes_and_saves(tiny_model_dir, tmp_path):
+    output = tmp_path / "run"
+    command, env = demo_command(tiny_model_dir, output, 29531)
+
+    # 1) start, wait for the first complete checkpoint, then kill the whole torchrun group
+    log1 = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log1, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        wait_for(output / "checkpoint-6" / "trainer_state.json", first, timeout=600)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    assert not (output / "model.safetensors").exists(), "the first run should have been killed before the end"
+
+    # 2) the same command again resumes from checkpoint-6 and finishes
+    second = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-4000:]
+    assert f"resuming from {output / 'checkpoint-6'}" in log
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 12
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert steps == list(range(1, 13)), "log history should hold steps 1-6 from the checkpoint and 7-12 after"
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+    assert (output / "checkpoint-12").is_dir()
+
+    # 3) the output folder loads for inference: model, tokenizer, image processor
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from qwenvl.train.train_qwen import load_image_processor
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    processor = load_image_processor(str(output))
+    assert processor.size["longest_edge"] == 64 * 28 * 28
+    assert model.config.text_config.use_cache
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What shape?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 3)
