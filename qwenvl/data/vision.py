@@ -62,27 +62,6 @@ class VisionConfig:
             max_pixels=int(max_pixels),
         )
 
-    def normalisation_lut(self) -> np.ndarray:
-        """(256, 3) float32 table: uint8 value -> normalised value per channel.
-
-        Computed with the same float32 operations as the reference processor
-        (rescale, then ``(x - mean) / std``), so a lookup gives identical values.
-        """
-        return _lut(self.rescale_factor, self.image_mean, self.image_std)
-
-
-_LUT_CACHE: dict[tuple, np.ndarray] = {}
-
-
-def _lut(rescale: float, mean: tuple, std: tuple) -> np.ndarray:
-    key = (rescale, mean, std)
-    if key not in _LUT_CACHE:
-        values = np.arange(256, dtype=np.float32)[:, None].repeat(3, axis=1)
-        values = (values * np.float32(rescale)).astype(np.float32)
-        values = (values - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-        _LUT_CACHE[key] = values.astype(np.float32)
-    return _LUT_CACHE[key]
-
 
 class ImageError(ValueError):
     """An image that cannot be used; the message says why."""
@@ -295,10 +274,12 @@ def patchify(frames: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, tuple[i
     # -> (t, h/m, w/m, m, m, channel, temporal, ps, ps)
     patches = patches.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
     patches = np.ascontiguousarray(patches).reshape(grid_t * grid_h * grid_w, 3, tps * ps * ps)
-    lut = cfg.normalisation_lut()
-    pixel_values = np.empty(patches.shape, dtype=np.float32)
-    for channel in range(3):
-        np.take(lut[:, channel], patches[:, channel], out=pixel_values[:, channel])
+    # In place, in float32 and in the reference's order (rescale, subtract mean, divide by std),
+    # so the values are identical to the image processor's.
+    pixel_values = patches.astype(np.float32)
+    pixel_values *= np.float32(cfg.rescale_factor)
+    pixel_values -= np.asarray(cfg.image_mean, dtype=np.float32)[None, :, None]
+    pixel_values /= np.asarray(cfg.image_std, dtype=np.float32)[None, :, None]
     return pixel_values.reshape(patches.shape[0], 3 * tps * ps * ps), (grid_t, grid_h, grid_w)
 
 

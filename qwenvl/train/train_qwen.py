@@ -116,11 +116,12 @@ def train(argv: list[str] | None = None) -> Path:
 
     model = load_model(model_args, training_args)
     set_trainable(model, model_args)
-    if training_args.gradient_checkpointing:
+    # transformers 5.23 names it activation_checkpointing; --gradient_checkpointing is its alias.
+    if training_args.activation_checkpointing:
         # Frozen embeddings produce no grad: let checkpointed blocks see inputs that require one.
         model.enable_input_require_grads()
-        if training_args.gradient_checkpointing_kwargs is None:
-            training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        if training_args.activation_checkpointing_kwargs is None:
+            training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
     if training_args.should_log:
         logger.info("model %s (%s, attention %s)\n%s", model_args.model_name_or_path, type(model).__name__,
                     model_args.attn_implementation, describe_trainable(model))
