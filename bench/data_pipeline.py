@@ -6,6 +6,9 @@ The baseline column is transformers' own Qwen2VLImageProcessorPil doing the
 image part, measured in the same run.
 
     python bench/data_pipeline.py [--samples 200] [--size 640x640]
+
+The last line does the same for the demo video samples (decord, or the backend
+QWENVL_VIDEO_BACKEND names).
 """
 
 from __future__ import annotations
@@ -112,6 +115,27 @@ def main() -> None:
                 stages[key].append(value)
             reference_times.append(t6 - t5)
 
+        # Video samples: demo/video.json (one or two clips, one with an image too), end to end, and the
+        # share of load_video (probe + decode + resize + patchify); bench/video_pipeline.py splits it further.
+        from qwenvl.data.video import load_video
+
+        video_dataset = LazySupervisedDataset(tokenizer, DataArguments(dataset_use="demo_video"), cfg,
+                                              model_max_length=8192)
+        video_dataset[0]
+        rounds = max(1, args.samples // len(video_dataset))
+        start = time.perf_counter()
+        for _ in range(rounds):
+            for i in range(len(video_dataset)):
+                video_dataset[i]
+        video_item = (time.perf_counter() - start) / (rounds * len(video_dataset))
+        clips = [(c, ref.data_path) for record, ref in zip(video_dataset.records, video_dataset.refs)
+                 for c in ([record["video"]] if isinstance(record["video"], str) else record["video"])]
+        start = time.perf_counter()
+        for _ in range(rounds):
+            for clip, folder in clips:
+                load_video(clip, folder, video_dataset.data_args, cfg)
+        video_load = (time.perf_counter() - start) / (rounds * len(clips))
+
     print(f"{len(lengths)} samples, {width}x{height} JPEG, max_pixels {data_args.max_pixels}, "
           f"median {int(statistics.median(lengths))} tokens, torch threads 1\n")
     print("| stage                      | ms / sample | share |")
@@ -127,6 +151,10 @@ def main() -> None:
     print(f"\nimage processing (resize+normalise+patchify): ours {ours_image * 1e3:.2f} ms, "
           f"transformers Qwen2VLImageProcessorPil {ref * 1e3:.2f} ms (ratio {ref / ours_image:.2f}x)")
     print(f"throughput: {1 / per_sample:.1f} samples/s on one core")
+    print(f"\nvideo (demo/video.json, {len(clips) / len(video_dataset):.2f} clips per sample): "
+          f"dataset[i] {video_item * 1e3:.2f} ms ({1 / video_item:.1f} samples/s); load_video {video_load * 1e3:.2f} ms "
+          f"per clip ({1 / video_load:.1f} clips/s, {100 * video_load * len(clips) / len(video_dataset) / video_item:.0f}% "
+          f"of dataset[i])")
 
 
 if __name__ == "__main__":

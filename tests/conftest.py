@@ -53,3 +53,34 @@ def python_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+def kill_tree(process) -> None:
+    """SIGKILL a launched command and every process under it, like a node that dies.
+
+    torchrun starts each worker in its own session, so killing the launcher's process
+    group would leave the workers running (and writing checkpoints) as orphans.
+    """
+    import psutil
+
+    try:
+        parent = psutil.Process(process.pid)
+        victims = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        victims = []
+    for victim in victims:
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=60)
+    process.wait(timeout=60)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a torchrun master (tests run in parallel)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

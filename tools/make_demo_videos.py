@@ -75,7 +75,9 @@ def render_frame(clip: Clip, index: int) -> np.ndarray:
     return frame
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int, crf: int = 18) -> Path:
+def write_video(
+    path: str | Path, frames: np.ndarray, fps: int, crf: int = 18, keyframe_interval: int | None = None
+) -> Path:
     """Encode uint8 frames (T, H, W, 3) as H.264 (yuv420p) MP4 at a constant ``fps``.
 
     Args:
@@ -83,6 +85,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, crf: int = 18) -
         frames: (T, H, W, 3) uint8 RGB; H and W must be even (yuv420p).
         fps: frames per second (an integer, so timestamps are exact).
         crf: x264 quality (lower is better).
+        keyframe_interval: frames between keyframes (x264's default, 250, when None).
 
     Returns:
         path as a Path.
@@ -101,7 +104,10 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, crf: int = 18) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf), "threads": "1"})
+        options = {"crf": str(crf), "threads": "1"}
+        if keyframe_interval is not None:
+            options["g"] = str(keyframe_interval)
+        stream = container.add_stream("libx264", rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for array in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))

@@ -12,7 +12,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,14 @@ from torch.utils.data import Dataset
 
 from qwenvl.data import data_list
 from qwenvl.data.rope2d import get_rope_index_2, get_rope_index_25
-from qwenvl.data.vision import ImageError, VisionConfig, num_vision_tokens, open_image, process_image
+from qwenvl.data.vision import (
+    ImageError,
+    VisionConfig,
+    is_transient_io_error,
+    num_vision_tokens,
+    open_image,
+    process_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,36 +52,119 @@ class BadSampleError(ValueError):
         self.path, self.index, self.reason, self.kind = path, index, reason, kind
 
 
+# Collators put the bad samples of a micro-batch under this key; QwenVLTrainer pops it before the model.
+BAD_SAMPLES_KEY = "bad_samples"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A bad sample as reported; ``LazySupervisedDataset[i]`` returns one under ``--bad_sample_policy skip``.
+
+    ``message`` is ``"{annotation_path}:{index}: {reason}"``, the ``BadSampleError`` text.
+    """
+
+    dataset: str
+    annotation_path: str
+    index: int
+    kind: str
+    reason: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.annotation_path}:{self.index}: {self.reason}"
+
+    @classmethod
+    def from_error(cls, error: BadSampleError, dataset: str = "") -> "Problem":
+        return cls(dataset, error.path, error.index, error.kind, error.reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: dataset, annotation_path, index, kind, reason, message."""
+        return {"dataset": self.dataset, "annotation_path": self.annotation_path, "index": self.index,
+                "kind": self.kind, "reason": self.reason, "message": self.message}
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """Stands in for a JSONL line that did not parse, so later samples keep their index."""
+
+    reason: str
+    kind: str = "bad_json"
+
+
+class ConversationError(ValueError):
+    """``parse_conversation``'s error; ``kind`` labels it (``no_conversation``, ``bad_turn``, ...)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 # ---------------------------------------------------------------- annotations
-def load_annotations(path: str) -> list[dict]:
-    """Read a JSON list or a JSONL file of samples.
+def load_annotations(path: str, bad_lines: str = "raise") -> list[Any]:
+    """Read a JSON list or a JSONL file of samples (UTF-8, a byte-order mark is fine).
+
+    Args:
+        path: a ``.jsonl`` file (one sample per line, blank lines ignored) or a
+            JSON file holding a list of samples (or one sample object).
+        bad_lines: what a JSONL line that does not parse becomes: ``"raise"`` an
+            error, or ``"keep"`` a ``BadRecord`` in its place, so the training
+            policy can skip and count it while every later sample keeps its index.
+
+    Returns:
+        the samples in file order (items are not checked here: see ``validation.check_record``).
 
     Raises:
-        ValueError: the file is missing, is not valid JSON (the message gives the
-            line), or does not hold a list of objects.
+        ValueError: the file is missing, empty or holds no samples, is not valid
+            JSON or UTF-8 (the message gives ``path:line``), or is not a list.
+
+    Example:
+        >>> load_annotations("demo/text_only.jsonl")[0]["conversations"][1]
+        {'from': 'gpt', 'value': 'Green.'}
     """
+    if bad_lines not in ("raise", "keep"):
+        raise ValueError(f"bad_lines should be one of 'raise' or 'keep' but found {bad_lines!r}")
     if not os.path.exists(path):
         raise ValueError(f"annotation file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data.strip():
+        raise ValueError(f"{path}: the annotation file is empty")
     if path.endswith(".jsonl"):
-        records = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
+        records: Any = []
+        # Split on "\n" only: str.splitlines() would also split inside strings holding U+2028 and friends.
+        for line_no, raw in enumerate(data.split(b"\n"), start=1):
+            if not raw.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append(json.loads(raw.decode("utf-8")))
+                continue
+            except UnicodeDecodeError as exc:
+                detail = f"not valid UTF-8 (column {exc.start + 1})"
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: invalid JSON line: {exc.msg} (column {exc.colno})") from None
+                detail = f"{exc.msg} (column {exc.colno})"
+            if bad_lines == "raise":
+                raise ValueError(f"{path}:{line_no}: invalid JSON line: {detail}")
+            records.append(BadRecord(f"line {line_no}: invalid JSON line: {detail}"))
     else:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line_no = data[:exc.start].count(b"\n") + 1
+            column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+            raise ValueError(f"{path}:{line_no}: not valid UTF-8 (column {column})") from None
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            hint = "; one JSON object per line? name the file .jsonl" if exc.msg == "Extra data" else ""
+            raise ValueError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}){hint}") from None
         if isinstance(records, dict):
             records = [records]
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of samples, got {type(records).__name__}")
+    if not records:
+        raise ValueError(f"{path}: the annotation file holds no samples")
     return records
 
 
@@ -141,9 +231,13 @@ def parse_conversation(sample: dict) -> Conversation:
     turns are dropped (the original's behaviour).
 
     Raises:
-        ValueError: missing/empty conversations, unknown roles, non-string text,
-            turns that do not alternate user/assistant, media tags in answers,
-            or no assistant answer at all.
+        ConversationError: (a ValueError) missing/empty conversations
+            (``no_conversation``), a turn that is not an object, has an unknown
+            role or non-string text (``bad_turn``), turns that do not alternate
+            user/assistant (``bad_roles``), media tags in answers
+            (``tag_in_answer``), an empty answer (``empty_answer``), or no
+            assistant answer at all (``no_answer``). Turn numbers count the
+            turns as written, from 0.
 
     Example:
         >>> parse_conversation({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
@@ -151,37 +245,44 @@ def parse_conversation(sample: dict) -> Conversation:
     """
     raw = sample.get("conversations", sample.get("messages"))
     if raw is None:
-        raise ValueError("no 'conversations' key")
+        raise ConversationError("no 'conversations' key", "no_conversation")
     if not isinstance(raw, list) or not raw:
-        raise ValueError("'conversations' must be a non-empty list of turns")
-    turns: list[tuple[str, str]] = []
+        raise ConversationError("'conversations' must be a non-empty list of turns", "no_conversation")
+    turns: list[tuple[int, str, str]] = []  # (turn number as written, role, text)
     for number, turn in enumerate(raw):
         if not isinstance(turn, dict):
-            raise ValueError(f"turn {number} is a {type(turn).__name__}, expected an object with 'from' and 'value'")
+            raise ConversationError(
+                f"turn {number} is a {type(turn).__name__}, expected an object with 'from' and 'value'", "bad_turn")
         speaker = turn.get("from", turn.get("role"))
         text = turn.get("value", turn.get("content"))
         role = _ROLES.get(str(speaker).lower()) if speaker is not None else None
         if role is None:
-            raise ValueError(f"turn {number} has unknown role {speaker!r} (expected human/gpt/system)")
+            raise ConversationError(f"turn {number} has unknown role {speaker!r} (expected human/gpt/system)",
+                                    "bad_turn")
         if not isinstance(text, str):
-            raise ValueError(f"turn {number} ({speaker}) has a {type(text).__name__} value, expected a string")
-        turns.append((role, text))
+            raise ConversationError(f"turn {number} ({speaker}) has a {type(text).__name__} value, expected a string",
+                                    "bad_turn")
+        turns.append((number, role, text))
     system = None
-    if turns[0][0] == "system":
-        system = turns.pop(0)[1]
-    while turns and turns[0][0] != "user":
+    if turns[0][1] == "system":
+        system = turns.pop(0)[2]
+    while turns and turns[0][1] != "user":
         turns.pop(0)
     if not turns:
-        raise ValueError("no human turn in the conversation")
-    for number, (role, text) in enumerate(turns):
-        expected = "user" if number % 2 == 0 else "assistant"
+        raise ConversationError("no human turn in the conversation", "bad_roles")
+    for position, (number, role, text) in enumerate(turns):
+        expected = "user" if position % 2 == 0 else "assistant"
         if role != expected:
-            raise ValueError(f"turn {number} is {role!r} where {expected!r} was expected (turns must alternate)")
+            raise ConversationError(
+                f"turn {number} is {role!r} where {expected!r} was expected (turns must alternate)", "bad_roles")
         if role == "assistant" and (IMAGE_TAG in text or VIDEO_TAG in text):
-            raise ValueError(f"answer {number} contains a media tag ({IMAGE_TAG} or {VIDEO_TAG})")
+            raise ConversationError(f"answer {number} contains a media tag ({IMAGE_TAG} or {VIDEO_TAG})",
+                                    "tag_in_answer")
+        if role == "assistant" and not text.strip():
+            raise ConversationError(f"answer {number} is empty", "empty_answer")
     if len(turns) < 2:
-        raise ValueError("the conversation has no assistant answer")
-    return Conversation(system, turns)
+        raise ConversationError("the conversation has no assistant answer", "no_answer")
+    return Conversation(system, [(role, text) for _, role, text in turns])
 
 
 class ChatEncoder:
@@ -295,6 +396,14 @@ class LazySupervisedDataset(Dataset):
         seed: seeds the ``%N`` subsets (same subset on every rank).
         tokens_per_second: from the model's vision config (Qwen2.5-VL video rope).
         dataset_use: overrides ``data_args.dataset_use`` (e.g. for an eval set).
+        bad_sample_policy: ``"error"`` raises ``BadSampleError`` for a bad sample (and
+            ``ValueError`` for a JSONL line that does not parse); ``"skip"`` returns a
+            ``Problem`` in its place (logged at debug level once per process; training's
+            ``BadSampleMonitor`` logs it once per run) that the collators drop and
+            report, never another sample. Training passes ``--bad_sample_policy``.
+        io_retries: retries of transient I/O errors (EIO, ESTALE, timeouts) per sample
+            before it counts as bad (``io_error``).
+        io_backoff: seconds before the first retry; doubles each time.
     """
 
     def __init__(
@@ -307,8 +416,16 @@ class LazySupervisedDataset(Dataset):
         seed: int = 42,
         tokens_per_second: float = 2,
         dataset_use: str | None = None,
+        bad_sample_policy: str = "error",
+        io_retries: int = 3,
+        io_backoff: float = 0.5,
     ):
         super().__init__()
+        if bad_sample_policy not in ("error", "skip"):
+            raise ValueError(f"bad_sample_policy should be one of 'error' or 'skip' but found {bad_sample_policy!r}")
+        self.bad_sample_policy = bad_sample_policy
+        self.io_retries, self.io_backoff = io_retries, io_backoff
+        self._logged_bad: set[int] = set()  # samples already logged by this process
         self.data_args = data_args
         self.vision_config = vision_config
         self.encoder = ChatEncoder(tokenizer)
@@ -320,7 +437,8 @@ class LazySupervisedDataset(Dataset):
         self.records: list[dict] = []
         self.refs: list[SampleRef] = []
         for config in data_list(names):
-            records = load_annotations(config["annotation_path"])
+            records = load_annotations(config["annotation_path"],
+                                       bad_lines="keep" if bad_sample_policy == "skip" else "raise")
             kept = sample_indices(len(records), config["sampling_rate"], seed, config["name"])
             for index in kept:
                 self.records.append(records[index])
@@ -338,7 +456,11 @@ class LazySupervisedDataset(Dataset):
         """Rough length of every sample (text words + a guess for media), for length grouping."""
         out = []
         for record in self.records:
-            words = sum(len(str(t.get("value", t.get("content", ""))).split()) for t in record.get("conversations", []))
+            turns = record.get("conversations") if isinstance(record, dict) else None
+            if not isinstance(turns, list):  # a bad sample: reported when it is loaded
+                out.append(1)
+                continue
+            words = sum(len(str(t.get("value", t.get("content", ""))).split()) for t in turns if isinstance(t, dict))
             out.append(words + 256 * len(sample_images(record)) + 512 * len(sample_videos(record)))
         return out
 
@@ -354,30 +476,61 @@ class LazySupervisedDataset(Dataset):
             try:
                 pv, grid = process_image(open_image(source, self.refs[i].data_path), self.vision_config)
             except ImageError as exc:
-                raise self.bad(i, f"image {number}: {exc}", "bad_image") from None
+                raise self.bad(i, f"image {number}: {exc}", exc.kind) from None
             pixels.append(pv)
             grids.append(grid)
         return pixels, grids
 
     def load_videos(self, i: int, videos: list) -> tuple[list[np.ndarray], list[tuple[int, int, int]], list[float]]:
         """Decode, sample and patchify a sample's videos."""
-        from qwenvl.data.video import VideoError, load_video
+        from qwenvl.data.validation import load_video_checked
 
         pixels, grids, seconds = [], [], []
+        ref = self.refs[i]
         for number, source in enumerate(videos):
             try:
-                pv, grid, second_per_grid_t = load_video(source, self.refs[i].data_path, self.data_args,
-                                                         self.vision_config)
-            except VideoError as exc:
-                raise self.bad(i, f"video {number}: {exc}", "bad_video") from None
+                pv, grid, second_per_grid_t = load_video_checked(source, number, ref.data_path, self.data_args,
+                                                                 self.vision_config, ref.annotation_path, ref.index)
+            except BadSampleError as exc:
+                raise self.bad(i, exc.reason, exc.kind) from None
             pixels.append(pv)
             grids.append(grid)
             seconds.append(second_per_grid_t)
         return pixels, grids, seconds
 
     # ------------------------------------------------------------- items
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.get_item(i)
+    def __getitem__(self, i: int) -> dict[str, Any] | Problem:
+        return self.load_sample(i)
+
+    def load_sample(self, i: int) -> dict[str, Any] | Problem:
+        """``get_item`` with transient I/O retries and the bad-sample policy.
+
+        Returns:
+            the item; under ``skip`` a ``Problem`` for a bad sample (never another sample).
+
+        Raises:
+            BadSampleError: a bad sample under ``error``; an I/O error that outlived
+                the retries is kind ``io_error``.
+        """
+        from qwenvl.data.validation import with_io_retries
+
+        ref = self.refs[i]
+        try:
+            try:
+                return with_io_retries(lambda: self.get_item(i), self.io_retries, self.io_backoff,
+                                       f"{ref.annotation_path}:{ref.index}")
+            except OSError as exc:
+                if not is_transient_io_error(exc):
+                    raise
+                raise self.bad(i, f"I/O error after {self.io_retries + 1} attempts: {exc}", "io_error") from None
+        except BadSampleError as exc:
+            if self.bad_sample_policy == "error":
+                raise
+            problem = Problem.from_error(exc, ref.dataset)
+            if i not in self._logged_bad:  # the Trainer's BadSampleMonitor logs it once for the whole run
+                self._logged_bad.add(i)
+                logger.debug("skipping bad sample (%s): %s", problem.kind, problem.message)
+            return problem
 
     def get_item(self, i: int) -> dict[str, Any]:
         """The training example for sample ``i``.
@@ -391,28 +544,30 @@ class LazySupervisedDataset(Dataset):
         Raises:
             BadSampleError: the message names the annotation file and index.
         """
-        record = self.records[i]
-        if not isinstance(record, dict):
-            raise self.bad(i, f"sample is a {type(record).__name__}, expected an object")
+        from qwenvl.data.validation import check_record
+
+        ref = self.refs[i]
         try:
-            conversation = parse_conversation(record)
-        except ValueError as exc:
-            raise self.bad(i, str(exc), "bad_conversation") from None
-        images, videos = sample_images(record), sample_videos(record)
+            checked = check_record(self.records[i], ref.annotation_path, ref.index)
+        except BadSampleError as exc:
+            raise self.bad(i, exc.reason, exc.kind) from None
+        conversation, images, videos = checked.conversation, checked.images, checked.videos
         image_pixels, image_grids = self.load_images(i, images)
         video_pixels, video_grids, seconds = self.load_videos(i, videos) if videos else ([], [], [])
         merge = self.vision_config.merge_size
+        # Shared with tools/pack_data.py's token counter, so its counts equal len(input_ids) here.
+        from qwenvl.data.token_count import SampleError, encode_sample
+
         try:
-            input_ids, labels = self.encoder.encode(
+            input_ids, labels = encode_sample(
+                self.encoder,
                 conversation,
                 [num_vision_tokens(g, merge) for g in image_grids],
                 [num_vision_tokens(g, merge) for g in video_grids],
+                self.model_max_length,
             )
-        except ValueError as exc:
-            raise self.bad(i, str(exc), "tag_mismatch") from None
-        input_ids, labels = self.truncate(i, input_ids, labels)
-        if not (labels != IGNORE_INDEX).any():
-            raise self.bad(i, "no answer token survives (empty answers or truncated away)", "no_labels")
+        except SampleError as exc:
+            raise self.bad(i, exc.reason, exc.kind) from None
 
         ids = torch.from_numpy(input_ids)
         item: dict[str, Any] = {"input_ids": ids, "labels": torch.from_numpy(labels)}
@@ -441,22 +596,58 @@ class LazySupervisedDataset(Dataset):
         return item
 
     def truncate(self, i: int, input_ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Cut a too-long sample on text only; refuse to cut through a vision block."""
-        limit = self.model_max_length
-        if limit is None or len(input_ids) <= limit:
-            return input_ids, labels
-        vision = np.flatnonzero((input_ids == self.encoder.vision_end_id))
-        if len(vision) and vision[-1] >= limit:
-            raise self.bad(
-                i,
-                f"over-length: {len(input_ids)} tokens > model_max_length {limit} and the cut would split a "
-                f"vision block (last vision token at {int(vision[-1])})",
-                "over_length",
-            )
-        return input_ids[:limit], labels[:limit]
+        """Cut a too-long sample on text only; refuse to cut through a vision block (``token_count.fit_max_length``)."""
+        from qwenvl.data.token_count import SampleError, fit_max_length
+
+        try:
+            return fit_max_length(input_ids, labels, self.encoder.vision_end_id, self.model_max_length)
+        except SampleError as exc:
+            raise self.bad(i, exc.reason, exc.kind) from None
 
 
 # ------------------------------------------------------------------ collators
+def split_bad(instances: Sequence[Any]) -> tuple[list[dict], list[Problem]]:
+    """Separate real items from the ``Problem`` (or None) entries of skipped bad samples.
+
+    Example:
+        >>> split_bad([item, Problem("d", "d.json", 3, "missing_media", "..."), None])
+        ([item], [Problem(dataset='d', annotation_path='d.json', index=3, kind='missing_media', reason='...')])
+    """
+    good = [x for x in instances if isinstance(x, dict)]
+    problems = [x for x in instances if isinstance(x, Problem)]
+    return good, problems
+
+
+def placeholder_batch(pad_token_id: int, flattened: bool) -> dict[str, Any]:
+    """Stand-in for a micro-batch whose samples were all bad: one pad token, nothing to learn.
+
+    Every rank must still run forward and backward (DDP/ZeRO collectives), so an
+    empty micro-batch cannot simply be dropped. Its loss must be exactly 0: the
+    model's mean cross-entropy over zero labels is NaN, so the batch carries
+    ``num_items_in_batch=1`` and the model's loss becomes ``sum over no tokens / 1``,
+    0 with zero gradients (the Trainer's own count, when it passes one, wins).
+
+    Returns:
+        input_ids (1, 1), labels (1, 1) = -100, position_ids (3, 1, 1) padded or
+        (4, 1, 1) flattened, attention_mask (1, 1) when padded, num_items_in_batch 1.
+    """
+    batch: dict[str, Any] = {
+        "input_ids": torch.full((1, 1), pad_token_id, dtype=torch.long),
+        "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
+        "position_ids": torch.zeros((4 if flattened else 3, 1, 1), dtype=torch.long),
+        "num_items_in_batch": 1,
+    }
+    if not flattened:
+        batch["attention_mask"] = torch.ones((1, 1), dtype=torch.long)
+    return batch
+
+
+def _with_problems(batch: dict[str, Any], problems: list[Problem]) -> dict[str, Any]:
+    if problems:
+        batch[BAD_SAMPLES_KEY] = problems
+    return batch
+
+
 def _collate_vision(instances: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Concatenate pixels and grids of all samples, in batch order."""
     batch: dict[str, torch.Tensor] = {}
@@ -478,11 +669,16 @@ class DataCollatorForSupervisedDataset:
     input_ids are padded with the pad id, labels with -100, position_ids with 1;
     ``attention_mask`` marks real tokens. Nothing is truncated here: the dataset
     already enforced ``model_max_length`` without cutting vision blocks.
+    Skipped bad samples (``Problem`` entries) are dropped and listed under
+    ``batch["bad_samples"]``; when all are bad the batch is ``placeholder_batch``.
     """
 
     pad_token_id: int
 
-    def __call__(self, instances: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, instances: Sequence[dict | Problem]) -> dict[str, torch.Tensor]:
+        instances, problems = split_bad(instances)
+        if not instances:
+            return _with_problems(placeholder_batch(self.pad_token_id, flattened=False), problems)
         longest = max(len(x["input_ids"]) for x in instances)
         size = len(instances)
         input_ids = torch.full((size, longest), self.pad_token_id, dtype=torch.long)
@@ -498,20 +694,25 @@ class DataCollatorForSupervisedDataset:
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,  # (3, B, L)
                  "attention_mask": attention_mask}
         batch.update(_collate_vision(instances))
-        return batch
+        return _with_problems(batch, problems)
 
 
-def flatten_instances(instances: Sequence[dict]) -> dict[str, torch.Tensor]:
+def flatten_instances(instances: Sequence[dict | Problem], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Concatenate samples into one row with 4-row position ids (no padding, no mask).
 
     Row 0 of ``position_ids`` restarts at 0 for every sample: transformers finds
     the sequence boundaries from it (flash-attention varlen, or a block-diagonal
     mask for sdpa/eager). Rows 1-3 are the mrope ids. The first label of every
     sample is -100 so the shifted loss never predicts across a boundary.
+    Skipped bad samples are dropped and listed as in ``DataCollatorForSupervisedDataset``
+    (``pad_token_id`` fills the placeholder when all are bad).
 
     Returns:
         input_ids (1, T), labels (1, T), position_ids (4, 1, T), plus vision keys.
     """
+    instances, problems = split_bad(instances)
+    if not instances:
+        return _with_problems(placeholder_batch(pad_token_id, flattened=True), problems)
     input_ids = torch.cat([x["input_ids"] for x in instances])[None]
     labels = torch.cat([x["labels"] for x in instances]).clone()
     starts = np.cumsum([0] + [len(x["input_ids"]) for x in instances[:-1]])
@@ -521,17 +722,17 @@ def flatten_instances(instances: Sequence[dict]) -> dict[str, torch.Tensor]:
     position_ids = torch.cat([text_positions, mrope], dim=0)[:, None]  # (4, 1, T)
     batch = {"input_ids": input_ids, "labels": labels[None], "position_ids": position_ids}
     batch.update(_collate_vision(instances))
-    return batch
+    return _with_problems(batch, problems)
 
 
 @dataclass
 class FlattenedDataCollatorForSupervisedDataset:
     """All samples of a micro-batch in one row; see ``flatten_instances``."""
 
-    pad_token_id: int = 0  # unused; kept so both collators share a constructor
+    pad_token_id: int = 0  # only fills the placeholder of an all-bad micro-batch
 
-    def __call__(self, instances: Sequence[dict]) -> dict[str, torch.Tensor]:
-        return flatten_instances(instances)
+    def __call__(self, instances: Sequence[dict | Problem]) -> dict[str, torch.Tensor]:
+        return flatten_instances(instances, self.pad_token_id)
 
 
 def make_supervised_data_module(
@@ -552,15 +753,18 @@ def make_supervised_data_module(
         tokenizer=tokenizer, data_args=data_args, vision_config=vision_config, model_type=model_type,
         model_max_length=model_max_length, seed=seed, tokens_per_second=tokens_per_second,
     )
+    policy = getattr(data_args, "bad_sample_policy", "error")  # --bad_sample_policy (default skip)
     if getattr(data_args, "data_packing", False):
         from qwenvl.data.data_qwen_packed import PackedSupervisedDataset
 
-        train_dataset: Dataset = PackedSupervisedDataset(**common)
+        train_dataset: Dataset = PackedSupervisedDataset(**common, bad_sample_policy=policy)
     else:
-        train_dataset = LazySupervisedDataset(**common)
+        train_dataset = LazySupervisedDataset(**common, bad_sample_policy=policy)
     eval_use = getattr(data_args, "eval_dataset_use", None)
-    eval_dataset = LazySupervisedDataset(**common, dataset_use=eval_use) if eval_use else None
+    eval_dataset = LazySupervisedDataset(**common, dataset_use=eval_use, bad_sample_policy=policy) if eval_use else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     flatten = getattr(data_args, "data_flatten", False) or getattr(data_args, "data_packing", False)
     collator_cls = FlattenedDataCollatorForSupervisedDataset if flatten else DataCollatorForSupervisedDataset
+    if getattr(data_args, "data_packing", False):  # items are groups: flattens each group's samples
+        from qwenvl.data.data_qwen_packed import PackedDataCollatorForSupervisedDataset as collator_cls
     return {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "data_collator": collator_cls(pad_id)}

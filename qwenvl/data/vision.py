@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import io
 import math
 import os
 import re
+import struct
+import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}$")
 _DATA_URI_RE = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
@@ -63,8 +67,45 @@ class VisionConfig:
         )
 
 
+# Larger images are refused before their pixels are decoded (a decompression bomb: a few KB of
+# PNG/JPEG that would decode to gigabytes). PIL's own warning threshold, ~0.27 GB as RGB.
+MAX_IMAGE_PIXELS = 89_478_485
+
+# errno values a network file system (NFS, Lustre, FUSE mounts) returns for failures that may
+# go away on retry; FileNotFoundError and friends are never transient.
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "EIO", "ESTALE", "ETIMEDOUT", "EAGAIN", "EBUSY", "EINTR", "ECONNRESET", "ECONNABORTED", "ECONNREFUSED",
+        "ENETDOWN", "ENETUNREACH", "ENETRESET", "EHOSTDOWN", "EHOSTUNREACH", "ENOLINK", "ECOMM", "EREMOTEIO",
+    ) if hasattr(errno, name)
+)
+
+
+def is_transient_io_error(exc: BaseException) -> bool:
+    """True for I/O errors worth retrying (EIO, ESTALE, timeouts ...), False for missing files and the like.
+
+    Example:
+        >>> is_transient_io_error(OSError(errno.ESTALE, "Stale file handle"))
+        True
+        >>> is_transient_io_error(FileNotFoundError(errno.ENOENT, "No such file"))
+        False
+    """
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False
+    return isinstance(exc, TimeoutError) or (isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS)
+
+
 class ImageError(ValueError):
-    """An image that cannot be used; the message says why."""
+    """An image that cannot be used; the message says why and ``kind`` labels it.
+
+    Kinds: ``missing_media`` (no such file), ``bad_media_ref`` (not a non-empty string),
+    ``bad_image`` (does not decode), ``decompression_bomb`` (over ``MAX_IMAGE_PIXELS``),
+    ``bad_aspect_ratio`` (over 200), ``too_small`` (no patch left after resizing).
+    """
+
+    def __init__(self, message: str, kind: str = "bad_image"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -88,10 +129,11 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         (476, 644)
     """
     if height <= 0 or width <= 0:
-        raise ImageError(f"image has an empty side: {width}x{height}")
+        raise ImageError(f"image has an empty side: {width}x{height}", "too_small")
     if max(height, width) / min(height, width) > 200:
         raise ImageError(
-            f"aspect ratio must be at most 200, got {max(height, width) / min(height, width):.1f} ({width}x{height})"
+            f"aspect ratio must be at most 200, got {max(height, width) / min(height, width):.1f} ({width}x{height})",
+            "bad_aspect_ratio",
         )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
@@ -104,7 +146,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     if h_bar == 0 or w_bar == 0:
-        raise ImageError(f"{width}x{height} image resizes to {w_bar}x{h_bar}: no {factor}x{factor} patch is left")
+        raise ImageError(f"{width}x{height} image resizes to {w_bar}x{h_bar}: no {factor}x{factor} patch is left",
+                         "too_small")
     return h_bar, w_bar
 
 
@@ -186,32 +229,71 @@ def resolve_path(path: str, data_path: str) -> str:
     return os.path.join(data_path, path)
 
 
+def _check_pixel_count(width: int, height: int, where: str) -> None:
+    """Refuse an image whose header promises more than ``MAX_IMAGE_PIXELS`` (before decoding it)."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"{where} is {width}x{height} = {width * height:,} pixels, more than the {MAX_IMAGE_PIXELS:,}-pixel "
+            f"limit (a decompression bomb?); shrink it offline or raise qwenvl.data.vision.MAX_IMAGE_PIXELS",
+            "decompression_bomb",
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    # PIL's "cannot identify image file <_io.BytesIO object at 0x...>" names no file and changes every run.
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL can identify"
+    return str(exc)
+
+
+def _check_reference(source: Any) -> None:
+    if not isinstance(source, str) or not source:
+        raise ImageError(f"image reference must be a non-empty string, got {source!r}", "bad_media_ref")
+
+
 def open_image(source: str, data_path: str = "") -> Image.Image:
     """Open an image from a path (relative to ``data_path``), a data URI or bare base64.
 
-    EXIF orientation is applied and the result is RGB.
+    EXIF orientation is applied and the result is RGB (``to_rgb``). The size in
+    the header is checked against ``MAX_IMAGE_PIXELS`` before any pixel is decoded.
+
+    Args:
+        source: a path, a ``data:image/...;base64,`` URI or bare base64.
+        data_path: folder that relative paths are joined to.
+
+    Returns:
+        the decoded RGB image.
 
     Raises:
-        ImageError: the file is missing, is not an image, or the base64 is broken.
+        ImageError: the file is missing, is not an image, is a decompression
+            bomb, or the base64 is broken (``kind`` says which).
+        OSError: a transient I/O error (``is_transient_io_error``), left for the caller to retry.
     """
-    if not isinstance(source, str) or not source:
-        raise ImageError(f"image reference must be a non-empty string, got {source!r}")
+    _check_reference(source)
     raw = _decode_base64(source)
+    where = "inline image" if raw is not None else resolve_path(source, data_path)
     try:
         if raw is not None:
-            image = Image.open(io.BytesIO(raw))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(raw))
         else:
-            path = resolve_path(source, data_path)
-            if not os.path.exists(path):
-                raise ImageError(f"image file not found: {path}")
-            image = Image.open(path)
+            if not os.path.exists(where):
+                raise ImageError(f"image file not found: {where}", "missing_media")
+            with warnings.catch_warnings():  # _check_pixel_count says it more clearly
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(where)
+        _check_pixel_count(image.width, image.height, where)
         image.load()
+        image = ImageOps.exif_transpose(image)
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        where = "inline image" if raw is not None else resolve_path(source, data_path)
-        raise ImageError(f"cannot decode {where}: {exc}") from exc
-    image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{where} is a decompression bomb: {exc}", "decompression_bomb") from exc
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
+        if is_transient_io_error(exc):
+            raise
+        raise ImageError(f"cannot decode {where}: {_describe(exc)}") from exc
     return to_rgb(image)
 
 
@@ -220,19 +302,89 @@ def image_size(source: str, data_path: str = "") -> tuple[int, int]:
 
     Pixels are not decoded. EXIF orientations 5-8 (rotations by 90 degrees)
     swap the sides, as ``open_image`` does.
+
+    Raises:
+        ImageError: as ``open_image`` (missing file, unreadable header, decompression bomb).
+        OSError: a transient I/O error.
     """
+    _check_reference(source)
     raw = _decode_base64(source)
+    where = "inline image" if raw is not None else resolve_path(source, data_path)
     try:
-        with Image.open(io.BytesIO(raw) if raw is not None else resolve_path(source, data_path)) as image:
+        with warnings.catch_warnings():  # _check_pixel_count below says it more clearly
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw) if raw is not None else where)
+        with image:
             width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
+            _check_pixel_count(width, height, where)
+            if image.format == "PNG" and "exif" not in image.info:
+                # Pillow's PNG getexif() decodes every pixel to reach chunks stored after the image data.
+                orientation = _png_orientation(image.fp)
+            else:
+                orientation = image.getexif().get(0x0112, 1)
+            # Pillow reports a TIFF with orientation 5-8 already rotated (it rotates it on load).
+            tags = getattr(image, "tag_v2", None)
+            stored = (tags.get(256), tags.get(257)) if tags is not None else (width, height)
+    except ImageError:
+        raise
     except FileNotFoundError as exc:
-        raise ImageError(f"image file not found: {resolve_path(source, data_path)}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot read the header of {resolve_path(source, data_path)}: {exc}") from exc
-    if orientation in (5, 6, 7, 8):
+        raise ImageError(f"image file not found: {where}", "missing_media") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{where} is a decompression bomb: {exc}", "decompression_bomb") from exc
+    except (OSError, SyntaxError, ValueError, struct.error, zlib.error, IndexError) as exc:
+        if is_transient_io_error(exc):
+            raise
+        raise ImageError(f"cannot read the header of {where}: {_describe(exc)}") from exc
+    if orientation in (5, 6, 7, 8) and (width, height) == stored:
         width, height = height, width
     return height, width
+
+
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(?:="|>)([0-9])')
+
+
+def _png_orientation(handle) -> int:
+    """EXIF orientation of a PNG read chunk by chunk, seeking over the pixel data.
+
+    Looks where Pillow's ``getexif`` looks (an eXIf chunk, a "Raw profile type exif"
+    text chunk, then XMP), wherever in the file they are.
+    """
+    handle.seek(8)
+    found: dict[bytes, bytes] = {}
+    while True:
+        head = handle.read(8)
+        if len(head) < 8:
+            break
+        length, kind = struct.unpack(">I4s", head)
+        if kind == b"IEND":
+            break
+        if kind not in (b"eXIf", b"tEXt", b"zTXt", b"iTXt"):
+            handle.seek(length + 4, 1)  # data and CRC
+            continue
+        data = handle.read(length)
+        handle.seek(4, 1)
+        if kind == b"eXIf":
+            found.setdefault(b"eXIf", data)
+            continue
+        key, _, text = data.partition(b"\0")
+        if kind == b"zTXt":
+            text = zlib.decompress(text[1:])
+        elif kind == b"iTXt":  # compression flag, method, then language and translated keyword
+            compressed, text = text[0], text[2:].split(b"\0", 2)[2]
+            text = zlib.decompress(text) if compressed else text
+        if key in (b"Raw profile type exif", b"XML:com.adobe.xmp"):
+            found.setdefault(key, text)
+    exif = Image.Exif()
+    if b"eXIf" in found:
+        raw = found[b"eXIf"]
+        exif.load(raw if raw.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + raw)
+    elif b"Raw profile type exif" in found:  # ImageMagick: a header of 3 lines, then hex
+        exif.load(bytes.fromhex("".join(found[b"Raw profile type exif"].decode("latin-1").split("\n")[3:])))
+    orientation = exif.get(0x0112)
+    if orientation is None and b"XML:com.adobe.xmp" in found:
+        match = _XMP_ORIENTATION.search(found[b"XML:com.adobe.xmp"])
+        orientation = int(match[1]) if match else None
+    return orientation or 1
 
 
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -69,6 +69,17 @@ class DataArguments:
     video_min_frames: int = field(default=4)
     video_max_frame_pixels: PixelCount = field(default=PixelCount(32 * 28 * 28))
     video_min_frame_pixels: PixelCount = field(default=PixelCount(4 * 28 * 28))
+    bad_sample_policy: str = field(
+        default="skip",
+        metadata={"help": "What a bad sample (missing/corrupt media, tag mismatch, over-length ...) does: 'error' "
+                          "stops with file:index: reason; 'skip' leaves it out, logs and counts it "
+                          "(output_dir/bad_samples.jsonl).", "choices": ["error", "skip"]},
+    )
+    bad_sample_threshold: float = field(
+        default=0.01,
+        metadata={"help": "With skip: stop, listing them, once more than this fraction of the training samples "
+                          "is bad."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_pixels", "min_pixels", "video_max_frame_pixels", "video_min_frame_pixels"):
@@ -84,6 +95,12 @@ class DataArguments:
             raise ValueError(
                 f"video_min_frames ({self.video_min_frames}) is larger than video_max_frames ({self.video_max_frames})"
             )
+        if self.bad_sample_policy not in ("error", "skip"):
+            raise ValueError(
+                f"bad_sample_policy should be one of 'error' or 'skip' but found {self.bad_sample_policy!r}"
+            )
+        if not 0.0 <= self.bad_sample_threshold <= 1.0:
+            raise ValueError(f"bad_sample_threshold must be a fraction in [0, 1], got {self.bad_sample_threshold}")
 
 
 @dataclass
@@ -94,7 +111,28 @@ class TrainingArguments(transformers.TrainingArguments):
                                                                  "vision blocks never are)."})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "LR of the merger (None: learning_rate)."})
     vision_tower_lr: float | None = field(default=None, metadata={"help": "LR of the vision tower (None: learning_rate)."})
-    lora_enable: bool = field(default=False)
+    lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM (train/lora.py)."})
     lora_r: int = field(default=64)
     lora_alpha: int = field(default=128)
     lora_dropout: float = field(default=0.05)
+    lora_target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        metadata={"help": "LLM linear layers that get adapters (comma-separated short names) or all-linear."},
+    )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale adapters by lora_alpha / sqrt(r)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4 base weights (CUDA + bitsandbytes)."})
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Warmup as a fraction of the training steps, in [0, 1). transformers 5 folded it into "
+                          "--warmup_steps (a float below 1); kept so the original launch scripts run unchanged."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.warmup_ratio is not None:
+            if not 0.0 <= self.warmup_ratio < 1.0:
+                raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            if self.warmup_steps:
+                raise ValueError("give --warmup_ratio or --warmup_steps, not both")
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()

@@ -1,8 +1,10 @@
 """Fine-tune Qwen2-VL / Qwen2.5-VL: ``torchrun qwenvl/train/train_qwen.py --dataset_use my_ds%50 ...``.
 
 Read top to bottom: parse flags -> load model by its config's model_type ->
-freeze per the tune flags -> data -> Trainer -> train (resuming from the newest
-checkpoint) -> save model and processor so the folder loads for inference.
+freeze per the tune flags (or wrap in LoRA adapters) -> data -> Trainer -> train
+(resuming from the newest checkpoint) -> save model (or adapter) and processor so
+the folder loads for inference (tools/infer.py, tools/merge_lora.py).
+DeepSpeed/FSDP checks live in qwenvl/train/distributed.py, LoRA in qwenvl/train/lora.py.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 from qwenvl.data.data_qwen import make_supervised_data_module  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
 from qwenvl.train.argument import DataArguments, ModelArguments, TrainingArguments  # noqa: E402
+from qwenvl.train.bad_samples import BadSampleMonitor, dataset_sizes  # noqa: E402
 from qwenvl.train.trainer import LLM, PROJECTOR, VISION_TOWER, QwenVLTrainer, classify_parameter, describe_trainable  # noqa: E402
+from qwenvl.train.distributed import (  # noqa: E402
+    OptimizerGroupsCallback, configure_fsdp, expected_optimizer_groups, fsdp_fallback_reason, prepare_deepspeed,
+)
+from qwenvl.train.lora import apply_lora, quantization_config  # noqa: E402
+from qwenvl.train.tracking import RunSummaryCallback, dataset_summary, parameter_summary  # noqa: E402
 
 logger = logging.getLogger("qwenvl")
 
@@ -78,6 +86,7 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments) -> 
         cache_dir=training_args.cache_dir,
         attn_implementation=model_args.attn_implementation,
         dtype=dtype,
+        quantization_config=quantization_config(training_args),  # --load_in_4bit (QLoRA), else None
     )
     # Packed rows are split by the text position ids only when no cache is built (SPEC 9).
     model.config.use_cache = False
@@ -113,9 +122,15 @@ def train(argv: list[str] | None = None) -> Path:
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     setup_logging(training_args)
+    # Before the model exists: ZeRO-3 builds it inside deepspeed.zero.Init, which needs deepspeed.comm up.
+    prepare_deepspeed(training_args)
 
     model = load_model(model_args, training_args)
     set_trainable(model, model_args)
+    if training_args.lora_enable:
+        # Adapters on the LLM; merger / vision tower train fully per their tune flags (modules_to_save).
+        model = apply_lora(model, model_args, training_args)
+    configure_fsdp(training_args, model)  # --fsdp: wrap the decoder layers and vision blocks
     # transformers 5.23 names it activation_checkpointing; --gradient_checkpointing is its alias.
     if training_args.activation_checkpointing:
         # Frozen embeddings produce no grad: let checkpointed blocks see inputs that require one.
@@ -143,6 +158,17 @@ def train(argv: list[str] | None = None) -> Path:
     )
 
     trainer = QwenVLTrainer(model=model, args=training_args, processing_class=tokenizer, **data_module)
+    if data_args.bad_sample_policy == "skip":  # counts, reports and caps skipped samples (bad_samples.jsonl)
+        trainer.add_callback(BadSampleMonitor(dataset_sizes(data_module["train_dataset"]),
+                                              data_args.bad_sample_threshold, training_args.output_dir))
+    # Fails at train begin if DeepSpeed (or anything) replaced the per-module optimizer groups.
+    trainer.add_callback(OptimizerGroupsCallback(expected_optimizer_groups(model, training_args)))
+    if "wandb" in training_args.report_to:
+        summary = parameter_summary(model) | dataset_summary(data_module["train_dataset"], data_module["eval_dataset"])
+        trainer.add_callback(RunSummaryCallback(summary, describe_trainable(model)))
+    fallback = fsdp_fallback_reason(training_args, trainer.accelerator.distributed_type)
+    if fallback and training_args.should_log:  # accelerate does this silently (e.g. FSDP -> DDP on CPU)
+        logger.warning(fallback)
     checkpoint = find_resume_checkpoint(training_args.output_dir)
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)

@@ -10,7 +10,7 @@ import pytest
 import qwenvl.data as registry
 from qwenvl.data import data_list, parse_sampling_rate
 from qwenvl.data.data_qwen import sample_indices
-from tests.conftest import PYTHON, REPO_ROOT, python_env
+from tests.conftest import PYTHON, REPO_ROOT, free_port, python_env
 
 
 def test_data_list_returns_copies_with_rates():
@@ -48,7 +48,7 @@ def test_sampling_is_seeded_and_depends_on_name():
 
 def test_two_ranks_keep_the_same_subset(tiny_model_dir, tmp_path):
     """torchrun with 2 processes (each with its own hash seed): both ranks keep the same seeded subset."""
-    command = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+    command = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(REPO_ROOT / "tests" / "data" / "subset_worker.py"), str(tiny_model_dir), str(tmp_path)]
     result = subprocess.run(command, cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

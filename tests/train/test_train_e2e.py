@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, python_env
+from tests.conftest import REPO_ROOT, free_port, kill_tree, python_env
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +43,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
 
 def test_demo_trains_checkpoints_resumes_and_saves(tiny_model_dir, tmp_path):
     output = tmp_path / "run"
-    command, env = demo_command(tiny_model_dir, output, 29531)
+    command, env = demo_command(tiny_model_dir, output, free_port())
 
     # 1) start, wait for the first complete checkpoint, then kill the whole torchrun group
     log1 = open(tmp_path / "first.log", "w")
@@ -53,14 +52,22 @@ def test_demo_trains_checkpoints_resumes_and_saves(tiny_model_dir, tmp_path):
     try:
         wait_for(output / "checkpoint-6" / "trainer_state.json", first, timeout=600)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=60)
+        kill_tree(first)
     assert not (output / "model.safetensors").exists(), "the first run should have been killed before the end"
 
     # 2) the same command again resumes from checkpoint-6 and finishes
-    second = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    log = second.stdout + second.stderr
-    assert second.returncode == 0, log[-4000:]
+    second_log = tmp_path / "second.log"
+    with second_log.open("w") as sink:
+        second = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            returncode = second.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            kill_tree(second)
+    log = second_log.read_text()
+    assert returncode == 0, log[-4000:]
     assert f"resuming from {output / 'checkpoint-6'}" in log
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 12

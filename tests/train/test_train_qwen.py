@@ -7,7 +7,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from qwenvl.train.argument import DataArguments, PixelCount
+from qwenvl.train.argument import DataArguments, PixelCount, TrainingArguments
 from qwenvl.train.train_qwen import find_resume_checkpoint, model_class_for, train
 
 
@@ -29,6 +29,17 @@ def test_bad_pixel_flags_are_rejected(text):
 def test_min_above_max_is_an_error():
     with pytest.raises(ValueError, match="min_pixels \\(1000\\) is larger than max_pixels \\(100\\)"):
         DataArguments(min_pixels=1000, max_pixels=100)
+
+
+def test_warmup_ratio_of_the_original_scripts_still_works(tmp_path):
+    parser = transformers.HfArgumentParser(TrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--warmup_ratio", "0.03",
+                                                      "--use_cpu", "True"])
+    assert args.get_warmup_steps(1000) == 30
+    with pytest.raises(ValueError, match="warmup_ratio must be in \\[0, 1\\), got 1.5"):
+        TrainingArguments(output_dir=str(tmp_path), warmup_ratio=1.5, use_cpu=True)
+    with pytest.raises(ValueError, match="give --warmup_ratio or --warmup_steps, not both"):
+        TrainingArguments(output_dir=str(tmp_path), warmup_ratio=0.1, warmup_steps=5, use_cpu=True)
 
 
 def test_model_class_comes_from_model_type_not_path(tiny_qwen2_model_dir):
@@ -59,6 +70,21 @@ def test_only_the_merger_trains_with_gradient_checkpointing(request, fixture, tm
     assert changed and changed <= merger, sorted(changed - merger)[:5]
     assert "lm_head.weight" not in changed
     assert find_resume_checkpoint(str(output)) is None
+
+
+def test_text_only_batches_train_when_only_the_merger_does(tiny_model_dir, tmp_path):
+    """No image in the batch and only the merger trainable: the step runs (dummy vision pass) and changes nothing."""
+    output = tmp_path / "out"
+    train([
+        "--model_name_or_path", str(tiny_model_dir), "--dataset_use", "demo_text_only",
+        "--tune_mm_mlp", "True", "--tune_mm_llm", "False", "--tune_mm_vision", "False",
+        "--output_dir", str(output), "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--optim", "sgd", "--learning_rate", "1e-2", "--weight_decay", "0", "--use_cpu", "True",
+        "--report_to", "none", "--save_strategy", "no", "--attn_implementation", "sdpa",
+    ])
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(output / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
 
 
 def test_incomplete_checkpoint_is_skipped(tmp_path):

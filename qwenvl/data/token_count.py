@@ -1,0 +1,337 @@
+"""Exact token counts of samples without decoding pixels: what ``LazySupervisedDataset[i]`` will hold.
+
+``TokenCounter.count(sample).length == len(dataset[i]["input_ids"])`` by construction:
+
+- the record goes through the dataset's own checks (``validation.check_record``), and text
+  through its encoder (``ChatEncoder.encode``);
+- ``model_max_length`` is applied by ``encode_sample``, which the dataset calls too;
+- image grids come from the file header (``vision.image_size``, EXIF orientation
+  included, as ``vision.open_image`` applies it) and ``smart_resize``, the same
+  rule ``vision.process_image`` applies to the decoded image;
+- video grids come from the container metadata (``video.probe_video``) and the
+  frame rule (``video.video_grid_from_meta``), the plan ``video.load_video`` decodes.
+
+What a header cannot show (a truncated JPEG body, a video whose frames do not
+decode) is counted as valid; ``tools/check_image.py`` finds such files.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from qwenvl.data.data_qwen import IGNORE_INDEX, BadSampleError, ChatEncoder, Conversation
+from qwenvl.data.validation import CheckedRecord, check_record, with_io_retries
+from qwenvl.data.vision import (
+    ImageError,
+    VisionConfig,
+    image_grid_thw,
+    image_size,
+    is_transient_io_error,
+    num_vision_tokens,
+    resolve_path,
+)
+
+# Bump when the meaning of a cached count changes. Edits of the code a count runs through are
+# caught without a bump: ``code_fingerprint`` hashes those modules' source.
+COUNT_VERSION = 1
+COUNT_MODULES = ("qwenvl.data.token_count", "qwenvl.data.data_qwen", "qwenvl.data.validation",
+                 "qwenvl.data.vision", "qwenvl.data.video")
+
+# Status of a sample the dataset yields; any other kind is a ``BadSampleError`` kind.
+OK, TRUNCATED = "ok", "truncated"
+VIDEO_FLAGS = ("base_interval", "video_min_frames", "video_max_frames", "video_min_frame_pixels",
+               "video_max_frame_pixels")
+
+
+class SampleError(ValueError):
+    """A sample the dataset rejects; ``kind`` is the ``BadSampleError`` kind (``over_length``, ...)."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def fit_max_length(
+    input_ids: np.ndarray, labels: np.ndarray, vision_end_id: int, model_max_length: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``model_max_length`` (cut text at the end, never a vision block; SPEC 9), then
+    check that some answer token is still learned.
+
+    Args:
+        input_ids: (L,) token ids of one sample.
+        labels: (L,) labels.
+        vision_end_id: id of ``<|vision_end|>``.
+        model_max_length: longest allowed sample; None = no limit.
+
+    Returns:
+        input_ids, labels: the first ``min(L, model_max_length)`` tokens.
+
+    Raises:
+        SampleError: kind ``over_length`` when the cut would split a vision block,
+            ``no_labels`` when no label other than -100 is left.
+
+    Example:
+        >>> ids, labels = fit_max_length(np.arange(10), np.arange(10), vision_end_id=99, model_max_length=4)
+        >>> ids.tolist()
+        [0, 1, 2, 3]
+    """
+    limit = model_max_length
+    if limit is not None and len(input_ids) > limit:
+        vision = np.flatnonzero(input_ids == vision_end_id)
+        if len(vision) and vision[-1] >= limit:
+            raise SampleError(
+                "over_length",
+                f"over-length: {len(input_ids)} tokens > model_max_length {limit} and the cut would split a "
+                f"vision block (last vision token at {int(vision[-1])})",
+            )
+        input_ids, labels = input_ids[:limit], labels[:limit]
+    if not (labels != IGNORE_INDEX).any():
+        raise SampleError("no_labels", "no answer token survives (empty answers or truncated away)")
+    return input_ids, labels
+
+
+def encode_sample(
+    encoder: ChatEncoder,
+    conversation: Conversation,
+    image_token_counts: Sequence[int],
+    video_token_counts: Sequence[int],
+    model_max_length: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and labels of one sample, exactly as training sees them.
+
+    ``ChatEncoder.encode``, then ``fit_max_length``. ``LazySupervisedDataset.get_item``
+    and ``TokenCounter.count`` both call this, so they cannot disagree on text.
+
+    Args:
+        encoder: the dataset's ``ChatEncoder``.
+        conversation: from ``parse_conversation``.
+        image_token_counts: LLM tokens of each image (``num_vision_tokens`` of its grid).
+        video_token_counts: likewise for videos.
+        model_max_length: see ``fit_max_length``.
+
+    Returns:
+        input_ids, labels: (L,) int64 arrays, L <= model_max_length.
+
+    Raises:
+        SampleError: kind ``tag_mismatch``, ``over_length`` or ``no_labels``.
+    """
+    try:
+        input_ids, labels = encoder.encode(conversation, image_token_counts, video_token_counts)
+    except ValueError as exc:
+        raise SampleError("tag_mismatch", str(exc)) from None
+    return fit_max_length(input_ids, labels, encoder.vision_end_id, model_max_length)
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """The count of one sample.
+
+    Attributes:
+        length: ``len(dataset[i]["input_ids"])``; 0 when the dataset rejects the sample.
+        full_length: tokens before ``model_max_length`` (0 when the sample fails before encoding).
+        kind: ``"ok"``, ``"truncated"`` (cut to model_max_length), or the ``BadSampleError``
+            kind the dataset raises (``over_length``, ``bad_image``, ``bad_video``,
+            ``bad_conversation``, ``tag_mismatch``, ``no_labels``, ``invalid``).
+        reason: why the sample is rejected ("" when it is not).
+    """
+
+    length: int
+    full_length: int
+    kind: str
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the dataset yields this sample (possibly truncated)."""
+        return self.kind in (OK, TRUNCATED)
+
+    def to_json(self) -> list:
+        """Compact form for the count cache: ``[length, full_length, kind, reason]``."""
+        return [self.length, self.full_length, self.kind, self.reason]
+
+    @classmethod
+    def from_json(cls, value: Sequence) -> "TokenCount":
+        """Inverse of ``to_json``."""
+        length, full_length, kind, reason = value
+        return cls(int(length), int(full_length), str(kind), str(reason))
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of everything that decides the tokenizer's ids: its full serialisation.
+
+    Fast tokenizers hash ``backend_tokenizer.to_str()`` (vocabulary, merges,
+    normaliser, pre-tokeniser and added tokens); others hash the sorted vocabulary.
+
+    Example:
+        >>> tokenizer_fingerprint(AutoTokenizer.from_pretrained("tiny_model/qwen2_5_vl"))[:12]
+        '41e00eccf531'
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 over the source of every module a count runs through (``COUNT_MODULES``).
+
+    Any edit there, even a comment, invalidates cached counts: recounting is cheap, a stale
+    count is not. Read once per process, i.e. the code this process runs.
+    """
+    import importlib
+
+    digest = hashlib.sha256()
+    for name in COUNT_MODULES:
+        path = getattr(importlib.import_module(name), "__file__", None)
+        if path and os.path.exists(path):
+            with open(path, "rb") as handle:
+                digest.update(name.encode() + b"\0" + handle.read())
+    return digest.hexdigest()
+
+
+class TokenCounter:
+    """Counts tokens of samples without decoding pixels; see the module docstring.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer.
+        data_args: ``DataArguments`` (or any object with the video flags
+            ``base_interval``, ``video_min_frames``, ``video_max_frames``,
+            ``video_min_frame_pixels``, ``video_max_frame_pixels``).
+        vision_config: patch geometry and image pixel limits, as in training.
+        model_max_length: training's ``--model_max_length`` (None = no limit).
+        io_retries: retries of transient I/O errors per sample, as the dataset's.
+        io_backoff: seconds before the first retry; doubles each time.
+
+    Example:
+        >>> counter = TokenCounter(tokenizer, DataArguments(), VisionConfig(), model_max_length=4096)
+        >>> counter.count({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+        TokenCount(length=23, full_length=23, kind='ok', reason='')
+    """
+
+    def __init__(self, tokenizer: Any, data_args: Any, vision_config: VisionConfig,
+                 model_max_length: int | None, io_retries: int = 3, io_backoff: float = 0.5):
+        self.tokenizer = tokenizer
+        self.io_retries, self.io_backoff = io_retries, io_backoff
+        self.encoder = ChatEncoder(tokenizer)
+        self.data_args = data_args
+        self.vision_config = vision_config
+        self.model_max_length = model_max_length
+
+    def settings(self) -> dict[str, Any]:
+        """Everything a count depends on besides the sample: the cache key material."""
+        encoder = self.encoder
+        return {
+            "count_version": COUNT_VERSION,
+            "code_sha256": code_fingerprint(),
+            "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer),
+            "special_ids": {attr: getattr(encoder, attr) for attr in ChatEncoder.SPECIAL_TOKENS},
+            "system_prompt": encoder.system_prompt,
+            "vision": {k: v for k, v in asdict(self.vision_config).items()
+                       if k in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels")},
+            "video": {name: float(getattr(self.data_args, name)) for name in VIDEO_FLAGS},
+            "model_max_length": self.model_max_length,
+        }
+
+    def image_grid(self, source: Any, data_path: str = "") -> tuple[int, int, int]:
+        """Grid (1, h, w) of one image, from its header.
+
+        Raises:
+            ImageError: missing file, unreadable header, or an unusable size.
+        """
+        height, width = image_size(source, data_path)
+        return image_grid_thw(height, width, self.vision_config)
+
+    def video_grid(self, source: Any, data_path: str = "") -> tuple[int, int, int]:
+        """Grid (t, h, w) of one video, from its container metadata.
+
+        Raises:
+            VideoError: missing or unreadable file, broken metadata.
+        """
+        from qwenvl.data.video import VideoError, probe_video, video_grid_from_meta
+
+        if not isinstance(source, str) or not source:
+            raise VideoError(f"video reference must be a non-empty path string, got {source!r}")
+        meta = probe_video(source, data_path)
+        grid, _ = video_grid_from_meta(meta.num_frames, meta.fps, meta.height, meta.width, self.data_args,
+                                       self.vision_config)
+        return tuple(int(x) for x in grid)
+
+    def media_tokens(self, checked: CheckedRecord, data_path: str) -> tuple[list[int], list[int]]:
+        """LLM tokens of each image and each video of a checked record, from headers and metadata.
+
+        Raises:
+            SampleError: the dataset's kind and reason for the first bad image or video.
+            OSError: a transient I/O error (for ``with_io_retries``).
+        """
+        merge = self.vision_config.merge_size
+        image_tokens, video_tokens = [], []
+        for number, source in enumerate(checked.images):
+            try:
+                image_tokens.append(num_vision_tokens(self.image_grid(source, data_path), merge))
+            except ImageError as exc:
+                raise SampleError(exc.kind, f"image {number}: {exc}") from None
+        if checked.videos:
+            from qwenvl.data.video import VideoError
+
+            for number, source in enumerate(checked.videos):
+                path = resolve_path(source, data_path)
+                if not os.path.exists(path):
+                    raise SampleError("missing_media", f"video {number}: video file not found: {path}")
+                try:
+                    video_tokens.append(num_vision_tokens(self.video_grid(source, data_path), merge))
+                except VideoError as exc:
+                    raise SampleError("bad_video", f"video {number}: {exc}") from None
+        return image_tokens, video_tokens
+
+    def count(self, sample: Any, data_path: str = "", annotation_path: str = "", index: int = 0) -> TokenCount:
+        """Tokens of one annotation sample as the training dataset will produce them.
+
+        The steps and their order are ``LazySupervisedDataset.get_item``'s:
+        ``validation.check_record``, images, videos (transient I/O errors retried
+        as the dataset retries them), then ``encode_sample``.
+
+        Args:
+            sample: one annotation record (a dict with ``conversations`` and media keys).
+            data_path: the dataset's media folder ("" = paths as written).
+            annotation_path: the sample's file, for the reason of a rejected sample.
+            index: the sample's position in that file, likewise.
+
+        Returns:
+            TokenCount; a sample the dataset rejects has ``length == 0`` and the
+            dataset's error kind and reason. Never raises for a bad sample.
+        """
+        try:
+            checked = check_record(sample, annotation_path, index)
+        except BadSampleError as exc:
+            return TokenCount(0, 0, exc.kind, exc.reason)
+        try:
+            image_tokens, video_tokens = with_io_retries(lambda: self.media_tokens(checked, data_path),
+                                                         self.io_retries, self.io_backoff,
+                                                         f"{annotation_path}:{index}")
+        except SampleError as exc:
+            return TokenCount(0, 0, exc.kind, exc.reason)
+        except OSError as exc:
+            if not is_transient_io_error(exc):
+                raise
+            return TokenCount(0, 0, "io_error", f"I/O error after {self.io_retries + 1} attempts: {exc}")
+        try:
+            input_ids, labels = encode_sample(self.encoder, checked.conversation, image_tokens, video_tokens, None)
+        except SampleError as exc:
+            return TokenCount(0, 0, exc.kind, exc.reason)
+        full_length = len(input_ids)
+        try:
+            input_ids, _ = fit_max_length(input_ids, labels, self.encoder.vision_end_id, self.model_max_length)
+        except SampleError as exc:
+            return TokenCount(0, full_length, exc.kind, exc.reason)
+        return TokenCount(len(input_ids), full_length, OK if len(input_ids) == full_length else TRUNCATED)

@@ -1,0 +1,329 @@
+"""The checks every sample passes, shared by training (``LazySupervisedDataset``) and ``tools/check_image.py``.
+
+A problem is reported as ``{annotation file}:{index}: what is wrong`` with a
+short ``kind`` label. Checks run in this order and the first failing one is
+the sample's problem, for training and the tool alike:
+
+1. record (no I/O): ``bad_json``, ``not_object``, ``unknown_key``, the
+   conversation kinds (``no_conversation``, ``bad_turn``, ``bad_roles``,
+   ``no_answer``, ``empty_answer``, ``tag_in_answer``), ``special_token_in_text``,
+   ``bad_media_ref``, ``tag_mismatch``;
+2. media, decoded exactly as training decodes them: ``missing_media``,
+   ``bad_image``, ``decompression_bomb``, ``bad_aspect_ratio``, ``too_small``,
+   ``bad_video``, ``io_error`` (transient I/O errors that outlived the retries);
+3. tokens (needs the tokenizer): ``tag_mismatch``, ``over_length``, ``no_labels``.
+
+``PROBLEM_KINDS`` documents every kind.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from qwenvl.data.data_qwen import (
+    IMAGE_TAG,
+    VIDEO_TAG,
+    BadRecord,
+    BadSampleError,
+    Conversation,
+    ConversationError,
+    Problem,
+    SampleRef,
+    parse_conversation,
+    sample_images,
+    sample_videos,
+)
+from qwenvl.data.vision import (
+    ImageError,
+    VisionConfig,
+    is_transient_io_error,
+    num_vision_tokens,
+    open_image,
+    resolve_path,
+    smart_resize,
+)
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_KINDS: dict[str, str] = {
+    "bad_json": "a JSONL line that does not parse (or is not UTF-8)",
+    "not_object": "the sample is not a JSON object",
+    "unknown_key": "a key the loader ignores holds media paths (a misspelt 'image'/'video'/'conversations')",
+    "no_conversation": "'conversations' is missing, empty or not a list",
+    "bad_turn": "a turn is not an object, has an unknown role or a non-string value",
+    "bad_roles": "turns do not alternate human/gpt after the optional system turn",
+    "no_answer": "no assistant answer",
+    "empty_answer": "an assistant answer is empty or whitespace",
+    "tag_in_answer": "an answer contains <image> or <video>",
+    "special_token_in_text": "a turn contains a chat-structure token such as <|im_end|> or <|image_pad|>",
+    "bad_media_ref": "an image/video reference is not a non-empty string",
+    "tag_mismatch": "the number of <image>/<video> tags differs from the number of images/videos",
+    "missing_media": "a media file does not exist",
+    "bad_image": "an image does not decode",
+    "decompression_bomb": "an image has more pixels than vision.MAX_IMAGE_PIXELS",
+    "bad_aspect_ratio": "an image's long side is more than 200 times its short side",
+    "too_small": "an image leaves no 28x28 patch after resizing",
+    "bad_video": "a video does not decode (or its frames cannot be resized)",
+    "io_error": "transient I/O errors (EIO, ESTALE, timeouts) outlived the retries",
+    "over_length": "longer than model_max_length and the cut would split a vision block",
+    "no_labels": "no answer token is left to learn (after truncation)",
+}
+
+# Keys the loader reads; any other key is metadata and ignored (``id``, ``source`` ...).
+KNOWN_KEYS = ("conversations", "messages", "image", "images", "video", "videos")
+MEDIA_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic",
+                    ".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v", ".mpeg", ".mpg")
+# Tokens that structure the chat or the vision blocks: inside a turn's text they would shift
+# the label mask or the image-token count. Grounding tokens (<|box_start|> ...) are fine.
+STRUCTURE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CheckedRecord:
+    """A record that passed the structural checks."""
+
+    conversation: Conversation
+    images: list[str]
+    videos: list[str]
+
+
+def _looks_like_media(value: Any) -> bool:
+    if isinstance(value, list):
+        return bool(value) and all(_looks_like_media(v) for v in value)
+    return isinstance(value, str) and (value.lower().endswith(MEDIA_EXTENSIONS) or value.startswith("data:image/"))
+
+
+def check_record(record: Any, annotation_path: str, index: int) -> CheckedRecord:
+    """Structural checks of one annotation record; no file is opened.
+
+    Args:
+        record: one item of the annotation file (a ``BadRecord`` for a JSONL line that did not parse).
+        annotation_path: the file, for messages.
+        index: the sample's position in the file, for messages.
+
+    Returns:
+        the parsed conversation and the sample's image and video references.
+
+    Raises:
+        BadSampleError: ``"{annotation_path}:{index}: {reason}"`` with one of the
+            record kinds of ``PROBLEM_KINDS``.
+
+    Example:
+        >>> check_record({"image": "a.jpg", "conversations": [{"from": "human", "value": "hi"},
+        ...               {"from": "gpt", "value": "yo"}]}, "d.json", 3)
+        Traceback (most recent call last):
+        BadSampleError: d.json:3: 0 <image> tag(s) in the conversation but 1 media item(s)
+    """
+    def bad(reason: str, kind: str) -> BadSampleError:
+        return BadSampleError(annotation_path, index, reason, kind)
+
+    if isinstance(record, BadRecord):
+        raise bad(record.reason, record.kind)
+    if not isinstance(record, dict):
+        raise bad(f"sample is a {type(record).__name__}, expected an object", "not_object")
+    for key, value in record.items():
+        if key not in KNOWN_KEYS and _looks_like_media(value):
+            guess = difflib.get_close_matches(str(key).lower(), KNOWN_KEYS, n=1, cutoff=0.4)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+            raise bad(f"unknown key {key!r} holds media paths that would be ignored{hint}", "unknown_key")
+    try:
+        conversation = parse_conversation(record)
+    except ConversationError as exc:
+        raise bad(str(exc), exc.kind) from None
+    texts = ([("system", conversation.system)] if conversation.system is not None else []) + conversation.turns
+    for number, (role, text) in enumerate(texts):
+        found = [token for token in STRUCTURE_TOKENS if token in text]
+        if found:
+            raise bad(f"{role} text contains {', '.join(found)}, a token that structures the chat; remove it "
+                      f"from the data", "special_token_in_text")
+    images, videos = sample_images(record), sample_videos(record)
+    for what, items in (("image", images), ("video", videos)):
+        for number, source in enumerate(items):
+            if not isinstance(source, str) or not source.strip():
+                raise bad(f"{what} {number}: reference must be a non-empty string, got {source!r}", "bad_media_ref")
+    for tag, items in ((IMAGE_TAG, images), (VIDEO_TAG, videos)):
+        tags = sum(text.count(tag) for role, text in conversation.turns if role == "user")
+        if tags != len(items):
+            # Same wording as ChatEncoder.encode, which checks the token ids again.
+            raise bad(f"{tags} {tag} tag(s) in the conversation but {len(items)} media item(s)", "tag_mismatch")
+    return CheckedRecord(conversation, images, videos)
+
+
+def with_io_retries(load: Callable[[], T], retries: int = 3, backoff: float = 0.5, what: str = "") -> T:
+    """Call ``load``, retrying transient I/O errors (``is_transient_io_error``) with exponential backoff.
+
+    Args:
+        load: reads the files (e.g. ``lambda: dataset.get_item(i)``).
+        retries: extra attempts after the first one.
+        backoff: seconds before the first retry; doubles each time.
+        what: names the sample in the log line of each retry.
+
+    Returns:
+        what ``load`` returns.
+
+    Raises:
+        OSError: the last transient error, once ``retries`` retries failed too.
+            Any other exception of ``load`` propagates at once.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return load()
+        except OSError as exc:
+            if not is_transient_io_error(exc) or attempt == retries:
+                raise
+            delay = backoff * 2 ** attempt
+            logger.warning("%s: transient I/O error (%s), retry %d of %d in %.1fs", what, exc, attempt + 1,
+                           retries, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def io_error(exc: OSError, annotation_path: str, index: int, attempts: int) -> BadSampleError:
+    """The ``io_error`` problem for a transient error that outlived ``attempts`` attempts."""
+    return BadSampleError(annotation_path, index, f"I/O error after {attempts} attempts: {exc}", "io_error")
+
+
+def load_image_checked(source: str, number: int, data_path: str, annotation_path: str, index: int):
+    """``vision.open_image`` with its ``ImageError`` turned into this sample's ``BadSampleError``.
+
+    Returns:
+        the RGB PIL image.
+
+    Raises:
+        BadSampleError: ``"{file}:{index}: image {number}: {why}"``, kind from the ``ImageError``.
+        OSError: transient I/O errors, for ``with_io_retries``.
+    """
+    try:
+        return open_image(source, data_path)
+    except ImageError as exc:
+        raise BadSampleError(annotation_path, index, f"image {number}: {exc}", exc.kind) from None
+
+
+def load_video_checked(source: str, number: int, data_path: str, data_args: Any, vision_config: VisionConfig,
+                       annotation_path: str, index: int) -> tuple[Any, tuple[int, int, int], float]:
+    """``video.load_video`` with a missing file (``missing_media``) and ``VideoError`` (``bad_video``) as problems.
+
+    Returns:
+        pixel_values_videos, grid_thw, second_per_grid_t (see ``load_video``).
+
+    Raises:
+        BadSampleError: ``"{file}:{index}: video {number}: {why}"``.
+    """
+    from qwenvl.data.video import VideoError, load_video
+
+    path = resolve_path(source, data_path)
+    if not os.path.exists(path):
+        raise BadSampleError(annotation_path, index, f"video {number}: video file not found: {path}", "missing_media")
+    try:
+        return load_video(source, data_path, data_args, vision_config)
+    except VideoError as exc:
+        raise BadSampleError(annotation_path, index, f"video {number}: {exc}", "bad_video") from None
+
+
+class SampleValidator:
+    """Runs training's checks on annotation records, without building training tensors.
+
+    Images are decoded with ``open_image`` and sized with ``smart_resize`` (what
+    ``process_image`` does before patchifying), videos decoded with
+    ``load_video``; with a tokenizer the sample is also encoded with the same
+    ``encode_sample`` the dataset calls, which finds ``over_length`` and
+    ``no_labels``.
+
+    Args:
+        vision_config: patch geometry and image pixel limits, as in training.
+        data_args: frame sampling flags for videos (``DataArguments``); None = defaults.
+        tokenizer: the checkpoint's tokenizer, or None to skip the token checks.
+        model_max_length: training's ``--model_max_length`` (token checks only).
+        io_retries: retries of transient I/O errors per sample.
+        io_backoff: seconds before the first retry.
+
+    Example:
+        >>> validator = SampleValidator(VisionConfig())
+        >>> ref = SampleRef("demo", "demo/single_image.json", "demo", 0)
+        >>> validator.validate({"image": "nope.jpg", "conversations": [{"from": "human", "value": "<image>"},
+        ...                     {"from": "gpt", "value": "x"}]}, ref).kind
+        'missing_media'
+    """
+
+    def __init__(self, vision_config: VisionConfig, data_args: Any = None, tokenizer: Any = None,
+                 model_max_length: int | None = None, io_retries: int = 3, io_backoff: float = 0.5):
+        if data_args is None:
+            from qwenvl.train.argument import DataArguments
+
+            data_args = DataArguments()
+        self.vision_config = vision_config
+        self.data_args = data_args
+        self.model_max_length = model_max_length
+        self.io_retries, self.io_backoff = io_retries, io_backoff
+        self.encoder = None
+        if tokenizer is not None:
+            from qwenvl.data.data_qwen import ChatEncoder
+
+            self.encoder = ChatEncoder(tokenizer)
+
+    def check(self, record: Any, ref: SampleRef) -> None:
+        """All checks of one record, in training's order.
+
+        Raises:
+            BadSampleError: the sample's first problem.
+        """
+        path, index = ref.annotation_path, ref.index
+        checked = check_record(record, path, index)
+        cfg = self.vision_config
+        image_tokens, video_tokens = [], []
+        for number, source in enumerate(checked.images):
+            image = self._retrying(lambda: load_image_checked(source, number, ref.data_path, path, index), ref)
+            try:
+                height, width = smart_resize(image.height, image.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+            except ImageError as exc:
+                raise BadSampleError(path, index, f"image {number}: {exc}", exc.kind) from None
+            image_tokens.append(num_vision_tokens((1, height // cfg.patch_size, width // cfg.patch_size),
+                                                  cfg.merge_size))
+        for number, source in enumerate(checked.videos):
+            _, grid, _ = self._retrying(lambda: load_video_checked(source, number, ref.data_path, self.data_args, cfg,
+                                                                   path, index), ref)
+            video_tokens.append(num_vision_tokens(grid, cfg.merge_size))
+        if self.encoder is not None:
+            from qwenvl.data.token_count import SampleError, encode_sample
+
+            try:
+                encode_sample(self.encoder, checked.conversation, image_tokens, video_tokens, self.model_max_length)
+            except SampleError as exc:
+                raise BadSampleError(path, index, exc.reason, exc.kind) from None
+
+    def validate(self, record: Any, ref: SampleRef) -> Problem | None:
+        """The sample's first problem, or None when training would use it."""
+        try:
+            self.check(record, ref)
+        except BadSampleError as exc:
+            return Problem.from_error(exc, ref.dataset)
+        return None
+
+    def _retrying(self, load: Callable[[], T], ref: SampleRef) -> T:
+        try:
+            return with_io_retries(load, self.io_retries, self.io_backoff, f"{ref.annotation_path}:{ref.index}")
+        except OSError as exc:
+            raise io_error(exc, ref.annotation_path, ref.index, self.io_retries + 1) from None
+
+
+def summarize(problems: Sequence[Problem], total: int) -> dict[str, Any]:
+    """Counts for a report: total, valid, and problems per kind (most frequent first).
+
+    Example:
+        >>> summarize([Problem("d", "d.json", 0, "missing_media", "...")], 10)
+        {'total': 10, 'valid': 9, 'problems': 1, 'kinds': {'missing_media': 1}}
+    """
+    kinds: dict[str, int] = {}
+    for problem in problems:
+        kinds[problem.kind] = kinds.get(problem.kind, 0) + 1
+    ordered = dict(sorted(kinds.items(), key=lambda item: (-item[1], item[0])))
+    return {"total": total, "valid": total - len(problems), "problems": len(problems), "kinds": ordered}

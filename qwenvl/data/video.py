@@ -1,0 +1,493 @@
+"""Videos -> sampled frames -> pixel values and grids, the Qwen2.5-VL way (SPEC 7), without torchvision.
+
+Flow, each step a function that can be called alone::
+
+    probe_video (container metadata) -> sample_frame_indices -> read_frames (decord / PyAV / torchcodec)
+    -> resize_frames (smart_resize within video_min/max_frame_pixels) -> patchify (shared with images)
+
+The sampling plan (which frames, what size, the grid and ``second_per_grid_t``)
+is a function of the container metadata alone, so ``video_grid_from_meta``
+(used by the offline tools to count tokens without decoding) and
+``load_video`` (used by training) can never disagree: ``load_video`` decodes
+exactly the frames the plan names and resizes them to the planned size.
+
+Backend: ``video_backend()`` picks, once, the first of decord, PyAV and
+torchcodec that imports; ``$QWENVL_VIDEO_BACKEND`` or a ``backend=`` argument
+override it. With the default choice a file the first backend cannot decode
+is retried with the others; an explicit choice is used alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from qwenvl.data.vision import ImageError, VisionConfig, patchify, resize_frames, resolve_path, smart_resize
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("decord", "pyav", "torchcodec")
+BACKEND_ENV = "QWENVL_VIDEO_BACKEND"
+_ALIASES = {"av": "pyav", "pyav": "pyav", "decord": "decord", "torchcodec": "torchcodec"}
+# One decoder thread per video: training parallelises over videos with dataloader workers.
+DECODER_THREADS = 1
+
+
+class VideoError(ValueError):
+    """A video that cannot be used (missing, unreadable, broken metadata); the message names the file."""
+
+
+class VideoMeta(NamedTuple):
+    """What the container says about the video stream; enough to plan sampling."""
+
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+
+
+class VideoPlan(NamedTuple):
+    """Which frames to decode and how to cut them (see ``plan_video``)."""
+
+    indices: np.ndarray  # (n,) int64 frame indices, sorted, unique
+    height: int  # resized frame height, a multiple of patch_size * merge_size
+    width: int
+    grid_thw: tuple[int, int, int]  # (ceil(n / temporal_patch_size), height / patch, width / patch)
+    second_per_grid_t: float  # seconds covered by one temporal grid step
+
+
+# ------------------------------------------------------------------ backend
+@functools.lru_cache(maxsize=None)
+def _import_error(backend: str) -> str | None:
+    """None when ``backend`` imports, else why not."""
+    module = {"decord": "decord", "pyav": "av", "torchcodec": "torchcodec.decoders"}[backend]
+    try:
+        __import__(module)
+    # Compiled extensions fail in many ways (torchcodec raises RuntimeError/OSError when
+    # its FFmpeg or CUDA libraries are missing), not only with ImportError.
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def available_backends() -> list[str]:
+    """The backends that import here, in preference order.
+
+    Example:
+        >>> available_backends()  # on a CPU box with decord and av installed
+        ['decord', 'pyav']
+    """
+    return [name for name in BACKENDS if _import_error(name) is None]
+
+
+_default_backend: str | None = None
+_reported: set[str] = set()
+
+
+def video_backend(name: str | None = None) -> str:
+    """The decoder to use: ``name``, else ``$QWENVL_VIDEO_BACKEND``, else the first that imports.
+
+    The default (first of decord, pyav, torchcodec that imports) is chosen once
+    per process; every choice is logged once.
+
+    Args:
+        name: ``"decord"``, ``"pyav"`` (or ``"av"``), ``"torchcodec"``, or None.
+
+    Returns:
+        the canonical backend name.
+
+    Raises:
+        ValueError: an unknown name, or a requested backend that does not import.
+        VideoError: no backend imports at all.
+
+    Example:
+        >>> video_backend("av")
+        'pyav'
+    """
+    global _default_backend
+    requested, source = name, "argument"
+    if not requested:
+        requested, source = os.environ.get(BACKEND_ENV) or None, f"${BACKEND_ENV}"
+    if requested:
+        backend = _ALIASES.get(requested.strip().lower())
+        if backend is None:
+            raise ValueError(f"video backend should be one of {', '.join(BACKENDS)} but found {requested!r} ({source})")
+        error = _import_error(backend)
+        if error is not None:
+            raise ValueError(f"video backend {backend!r} was requested ({source}) but does not import: {error}")
+        reason = f"set by {source}"
+    else:
+        if _default_backend is None:
+            found = available_backends()
+            if not found:
+                errors = "; ".join(f"{b}: {_import_error(b)}" for b in BACKENDS)
+                raise VideoError(f"no video decoder imports ({errors}); install decord or av")
+            _default_backend = found[0]
+        backend, reason = _default_backend, f"first that imports of {', '.join(BACKENDS)}"
+    if backend not in _reported:
+        _reported.add(backend)
+        logger.info("video backend: %s (%s; override with $%s)", backend, reason, BACKEND_ENV)
+    return backend
+
+
+# ----------------------------------------------------------------- metadata
+def _check_meta(path: str, meta: VideoMeta) -> VideoMeta:
+    if meta.num_frames < 1 or not (math.isfinite(meta.fps) and meta.fps > 0) or meta.height < 1 or meta.width < 1:
+        raise VideoError(
+            f"broken video metadata in {path}: expected frames >= 1, fps > 0 and a non-empty frame size but found "
+            f"{meta.num_frames} frames at {meta.fps} fps, {meta.width}x{meta.height}"
+        )
+    return meta
+
+
+def _probe_pyav(path: str) -> VideoMeta:
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise VideoError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else 0.0
+        num_frames = int(stream.frames or 0)
+        if num_frames < 1:
+            # No frame count in the header (Matroska, WebM, some AVI): count the packets, as decord does.
+            num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+        height, width = stream.codec_context.height, stream.codec_context.width
+    return VideoMeta(num_frames, fps, int(height), int(width))
+
+
+def _probe_torchcodec(path: str) -> VideoMeta:
+    from torchcodec.decoders import VideoDecoder
+
+    metadata = VideoDecoder(path, device="cpu").metadata
+    return VideoMeta(int(metadata.num_frames or 0), float(metadata.average_fps or 0.0),
+                     int(metadata.height), int(metadata.width))
+
+
+def _probe_decord(path: str) -> VideoMeta:
+    import decord
+
+    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=DECODER_THREADS)
+    height, width = reader[0].shape[:2]  # decord has no size accessor: this decodes frame 0
+    return VideoMeta(len(reader), float(reader.get_avg_fps()), int(height), int(width))
+
+
+def probe_video(path: str, data_path: str = "") -> VideoMeta:
+    """(num_frames, fps, height, width) of a video from its container, without decoding frames.
+
+    The numbers follow decord's rule, which the original framework sampled
+    with: frames = the stream's frame count from the header, or the number of
+    packets when the header has none; fps = the stream's average frame rate.
+    PyAV reads them from the header; without PyAV, torchcodec's metadata or
+    decord (which decodes frame 0 for the size) are used.
+
+    Args:
+        path: video file, relative to ``data_path`` unless absolute.
+        data_path: folder of the dataset's media ("" = as written).
+
+    Returns:
+        VideoMeta(num_frames, fps, height, width).
+
+    Raises:
+        VideoError: the file is missing or unreadable, or its metadata is broken.
+
+    Example:
+        >>> probe_video("videos/red_square.mp4", "demo")
+        VideoMeta(num_frames=12, fps=12.0, height=84, width=112)
+    """
+    path = resolve_path(path, data_path)
+    if not os.path.isfile(path):
+        raise VideoError(f"video file not found: {path}")
+    probes = {"pyav": _probe_pyav, "torchcodec": _probe_torchcodec, "decord": _probe_decord}
+    order = [name for name in ("pyav", "torchcodec", "decord") if _import_error(name) is None]
+    if not order:
+        video_backend()  # raises the "no decoder" error
+    errors = []
+    for name in order:
+        try:
+            return _check_meta(path, probes[name](path))
+        except VideoError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - decoders raise library-specific errors
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+    raise VideoError(f"cannot read video {path} ({'; '.join(errors)})")
+
+
+# ----------------------------------------------------------------- sampling
+def sample_frame_indices(
+    total_frames: int, fps: float, base_interval: float, min_frames: int, max_frames: int
+) -> np.ndarray:
+    """Frame indices to decode, per SPEC 7 (the original framework's rule).
+
+    ``duration = total_frames / fps``; ``n = round(duration / base_interval)``
+    (Python's round, halves to even) clamped to ``[min_frames, max_frames]``;
+    indices ``= unique(linspace(0, total_frames - 1, n).astype(int))``. A clip
+    with fewer frames than ``n`` yields fewer (unique) indices.
+
+    Args:
+        total_frames: frames in the video (``probe_video``).
+        fps: average frame rate.
+        base_interval: seconds between sampled frames (``--base_interval``).
+        min_frames: ``--video_min_frames``.
+        max_frames: ``--video_max_frames``.
+
+    Returns:
+        (n_unique,) int64, sorted.
+
+    Raises:
+        ValueError: non-positive frames, fps or interval, or min_frames > max_frames.
+
+    Example:
+        >>> sample_frame_indices(12, 12.0, 2, 4, 8).tolist()  # 1 s: round(0.5) = 0 -> 4 frames
+        [0, 3, 7, 11]
+        >>> sample_frame_indices(3, 6.0, 2, 4, 8).tolist()  # 3 frames cannot give 4
+        [0, 1, 2]
+    """
+    if total_frames < 1 or not fps > 0 or not base_interval > 0:
+        raise ValueError(
+            "expected total_frames >= 1, fps > 0 and base_interval > 0 but found "
+            f"{total_frames}, {fps}, {base_interval}"
+        )
+    if not 1 <= min_frames <= max_frames:
+        raise ValueError(f"expected 1 <= min_frames <= max_frames but found {min_frames}, {max_frames}")
+    duration = total_frames / fps
+    n = min(max(round(duration / base_interval), min_frames), max_frames)
+    return np.unique(np.linspace(0, total_frames - 1, n).astype(np.int64))
+
+
+def second_per_grid_t(num_sampled: int, duration: float, temporal_patch_size: int) -> float:
+    """Seconds covered by one temporal grid step: ``temporal_patch_size / (num_sampled / duration)``.
+
+    ``num_sampled`` is the number of frames actually decoded, i.e. counted after
+    ``unique`` (the original computes ``fps = len(frame_idx) / video_length``
+    from the de-duplicated indices). Fractions are kept: never truncated to int.
+
+    Example:
+        >>> second_per_grid_t(4, 1.0, 2), second_per_grid_t(8, 1.0, 2)
+        (0.5, 0.25)
+    """
+    sampled_fps = num_sampled / duration
+    return float(temporal_patch_size / sampled_fps)
+
+
+def plan_video(meta: VideoMeta | Sequence, data_args: Any, cfg: VisionConfig) -> VideoPlan:
+    """Which frames, what size, which grid: everything ``load_video`` will do, from metadata alone.
+
+    Args:
+        meta: (num_frames, fps, height, width), e.g. from ``probe_video``.
+        data_args: has ``base_interval``, ``video_min_frames``, ``video_max_frames``,
+            ``video_min_frame_pixels`` and ``video_max_frame_pixels``.
+        cfg: patch geometry.
+
+    Returns:
+        VideoPlan(indices, height, width, grid_thw, second_per_grid_t).
+
+    Raises:
+        VideoError: the frame size cannot be resized (aspect ratio over 200).
+    """
+    num_frames, fps, height, width = meta
+    indices = sample_frame_indices(num_frames, fps, data_args.base_interval, data_args.video_min_frames,
+                                   data_args.video_max_frames)
+    try:
+        resized_h, resized_w = smart_resize(height, width, cfg.factor, data_args.video_min_frame_pixels,
+                                            data_args.video_max_frame_pixels)
+    except ImageError as exc:
+        raise VideoError(f"video frames cannot be resized: {exc}") from None
+    grid_t = -(-len(indices) // cfg.temporal_patch_size)  # odd counts are padded with the last frame
+    grid = (grid_t, resized_h // cfg.patch_size, resized_w // cfg.patch_size)
+    seconds = second_per_grid_t(len(indices), num_frames / fps, cfg.temporal_patch_size)
+    return VideoPlan(indices, resized_h, resized_w, grid, seconds)
+
+
+def video_grid_from_meta(
+    num_frames: int, fps: float, height: int, width: int, data_args: Any, cfg: VisionConfig
+) -> tuple[tuple[int, int, int], float]:
+    """Grid (t, h, w) and seconds per temporal grid step of a video, without decoding it.
+
+    Equals what ``load_video`` returns for a file whose ``probe_video`` gives
+    these numbers (both go through ``plan_video``).
+
+    Example:
+        >>> args = DataArguments()  # base_interval 2, 4-8 frames, 4-32 x 28*28 pixels per frame
+        >>> video_grid_from_meta(12, 12.0, 84, 112, args, VisionConfig())
+        ((2, 6, 8), 0.5)
+    """
+    plan = plan_video((num_frames, fps, height, width), data_args, cfg)
+    return plan.grid_thw, plan.second_per_grid_t
+
+
+# ----------------------------------------------------------------- decoding
+def _read_decord(path: str, indices: np.ndarray) -> np.ndarray:
+    import decord
+
+    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=DECODER_THREADS)
+    indices = np.minimum(indices, len(reader) - 1)
+    return reader.get_batch(indices.tolist()).asnumpy()
+
+
+def _read_torchcodec(path: str, indices: np.ndarray) -> np.ndarray:
+    from torchcodec.decoders import VideoDecoder
+
+    decoder = VideoDecoder(path, device="cpu", seek_mode="exact", num_ffmpeg_threads=DECODER_THREADS)
+    indices = np.minimum(indices, len(decoder) - 1)
+    frames = decoder.get_frames_at(indices=indices.tolist()).data  # (n, 3, H, W) uint8
+    return frames.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _read_pyav(path: str, indices: np.ndarray) -> np.ndarray:
+    """Frame ``i`` is the frame with the i-th smallest packet pts (decord's numbering).
+
+    Seeks to the keyframe before each wanted frame unless it is cheaper to keep
+    decoding, so a long video costs about one GOP per sampled frame.
+    """
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = DECODER_THREADS
+        packets = [(packet.pts, packet.is_keyframe) for packet in container.demux(stream) if packet.size]
+        if not packets:
+            raise VideoError(f"{path} has no video packets")
+        if any(pts is None for pts, _ in packets):
+            return _read_pyav_in_order(container, stream, indices)
+        frame_pts = sorted(pts for pts, _ in packets)
+        keyframes = sorted(pts for pts, key in packets if key) or frame_pts[:1]
+        slots: dict[int, list[int]] = {}
+        for slot, index in enumerate(indices.tolist()):
+            slots.setdefault(frame_pts[min(index, len(frame_pts) - 1)], []).append(slot)
+        out: list[np.ndarray | None] = [None] * len(indices)
+        decoded, last_pts, frame = None, None, None
+        for target in sorted(slots):
+            keyframe = keyframes[max(bisect.bisect_right(keyframes, target) - 1, 0)]
+            if decoded is None or last_pts is None or target <= last_pts or keyframe > last_pts:
+                container.seek(keyframe, stream=stream, backward=True)
+                decoded = container.decode(stream)
+            # The first frame at or after `target`; if the stream ends first, the last frame decoded.
+            for frame in decoded:
+                last_pts = frame.pts
+                if frame.pts is not None and frame.pts >= target:
+                    break
+            if frame is None:
+                raise VideoError(f"{path}: no frame decodes")
+            array = frame.to_ndarray(format="rgb24")
+            for slot in slots[target]:
+                out[slot] = array
+    return np.stack(out)
+
+
+def _read_pyav_in_order(container: Any, stream: Any, indices: np.ndarray) -> np.ndarray:
+    """Fallback for streams without timestamps: frame i is the i-th decoded frame."""
+    container.seek(0)
+    wanted = set(indices.tolist())
+    frames: dict[int, np.ndarray] = {}
+    last = None
+    for number, frame in enumerate(container.decode(stream)):
+        if number in wanted:
+            frames[number] = frame.to_ndarray(format="rgb24")
+        last = frame
+        if number >= indices.max():
+            break
+    if last is None:
+        raise VideoError("no frame decodes")
+    fallback = frames[max(frames)] if frames else last.to_ndarray(format="rgb24")
+    return np.stack([frames.get(i, fallback) for i in indices.tolist()])
+
+
+_READERS = {"decord": _read_decord, "pyav": _read_pyav, "torchcodec": _read_torchcodec}
+
+
+def read_frames(path: str, indices: Sequence[int] | np.ndarray, backend: str | None = None) -> np.ndarray:
+    """Decode the frames at ``indices`` (0-based, presentation order) as uint8 RGB.
+
+    Indices past the last frame read the last frame (a header that over-counts
+    frames then still gives the planned number of frames).
+
+    Args:
+        path: video file.
+        indices: frame indices, e.g. from ``sample_frame_indices``.
+        backend: ``decord`` / ``pyav`` / ``torchcodec``; None = ``video_backend()``,
+            retrying with the other available backends when it fails on this file.
+
+    Returns:
+        (len(indices), H, W, 3) uint8.
+
+    Raises:
+        VideoError: the file is missing or no backend decodes it; the message names the file.
+
+    Example:
+        >>> read_frames("demo/videos/red_square.mp4", [0, 11]).shape
+        (2, 84, 112, 3)
+    """
+    if not os.path.isfile(path):
+        raise VideoError(f"video file not found: {path}")
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.ndim != 1 or not len(indices) or indices.min() < 0:
+        raise ValueError(f"indices should be a non-empty list of frame numbers >= 0 but found {indices.tolist()}")
+    first = video_backend(backend)
+    order = [first] if backend or os.environ.get(BACKEND_ENV) else [first] + [
+        name for name in available_backends() if name != first
+    ]
+    errors = []
+    for name in order:
+        try:
+            frames = _READERS[name](path, indices)
+        except Exception as exc:  # noqa: BLE001 - decoders raise library-specific errors
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            if len(order) > 1:
+                logger.warning("cannot decode %s (%s)%s", path, errors[-1],
+                               "; trying the next backend" if name != order[-1] else "")
+            continue
+        if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
+            errors.append(f"{name}: decoded shape {frames.shape}, expected ({len(indices)}, H, W, 3)")
+            continue
+        return np.ascontiguousarray(frames, dtype=np.uint8)
+    raise VideoError(f"cannot decode video {path} ({'; '.join(errors)})")
+
+
+def load_video(
+    source: str,
+    data_path: str,
+    data_args: Any,
+    vision_config: VisionConfig,
+    backend: str | None = None,
+) -> tuple[np.ndarray, tuple[int, int, int], float]:
+    """Probe, sample, decode, resize and patchify one video.
+
+    Args:
+        source: video path, relative to ``data_path`` unless absolute.
+        data_path: the dataset's media folder.
+        data_args: frame sampling and pixel limits (see ``plan_video``).
+        vision_config: patch geometry and normalisation.
+        backend: decoder override (see ``read_frames``).
+
+    Returns:
+        pixel_values_videos: (t * h * w, 3 * temporal_patch_size * patch_size**2) float32,
+        grid_thw: (t, h, w) ints, equal to ``video_grid_from_meta(*probe_video(source, data_path), ...)``,
+        second_per_grid_t: float seconds per temporal grid step.
+
+    Raises:
+        VideoError: missing, unreadable or broken file; the message names the path.
+
+    Example:
+        >>> pv, grid, seconds = load_video("videos/red_square.mp4", "demo", DataArguments(), VisionConfig())
+        >>> pv.shape, grid, seconds
+        ((96, 1176), (2, 6, 8), 0.5)
+    """
+    if not isinstance(source, str) or not source:
+        raise VideoError(f"video reference must be a non-empty path string, got {source!r}")
+    path = resolve_path(source, data_path)
+    plan = plan_video(probe_video(path), data_args, vision_config)
+    frames = read_frames(path, plan.indices, backend)  # (n, H, W, 3) uint8
+    frames = resize_frames(frames, plan.height, plan.width)  # (n, height, width, 3)
+    pixel_values, grid = patchify(frames, vision_config)  # (t * h * w, 1176)
+    if grid != plan.grid_thw:
+        raise RuntimeError(f"{path}: patchified grid {grid} differs from the planned grid {plan.grid_thw}")
+    return pixel_values, grid, plan.second_per_grid_t

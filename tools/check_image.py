@@ -1,0 +1,292 @@
+"""Validate datasets before training: every sample goes through the checks training runs.
+
+Usage:
+    python tools/check_image.py demo_single_image demo_multi_image%50
+    python tools/check_image.py /data/train.jsonl --data_path /data/media --workers 16
+    python tools/check_image.py my_ds --model_name_or_path Qwen/Qwen2.5-VL-7B-Instruct --model_max_length 8192
+
+Inputs and outputs:
+    Each input is a registry name from ``qwenvl/data/__init__.py`` (optionally ``name%N``: the same
+    seeded N percent that ``--dataset_use name%N --seed S`` trains on) or an annotation file (a path
+    ending in .json/.jsonl, or containing a path separator), whose media paths are relative to
+    ``--data_path``. For each input the tool writes, next to its annotation file (or in
+    ``--output_dir``), ``<stem>_valid.json`` (a JSON list of the samples that passed, in file order:
+    register it to train on clean data) and ``<stem>_problems.json`` (one object per bad sample:
+    dataset, annotation_path, index, kind, reason, message), then prints a summary table (total,
+    valid, and the count of each problem kind) and the problems.
+
+What is checked: ``qwenvl/data/validation.py``, the layer ``LazySupervisedDataset`` itself runs,
+in the same order (record structure, conversation, tags versus media, then every image and video
+decoded as training decodes it). With ``--model_name_or_path`` the samples are also tokenised
+(its tokenizer and image processor), which finds samples over ``--model_max_length`` whose cut
+would split an image (``over_length``) and samples with no answer token left (``no_labels``):
+pass the flags you train with and the tool reports exactly what ``--bad_sample_policy skip``
+would skip.
+
+Exit status: 0 when every sample is valid, 1 when any problem was found (for CI pipelines),
+2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:  # `python tools/check_image.py` from a checkout
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from qwenvl.data.data_qwen import Problem, SampleRef, load_annotations, sample_indices  # noqa: E402
+from qwenvl.data.validation import SampleValidator, summarize  # noqa: E402
+from qwenvl.data.vision import VisionConfig  # noqa: E402
+from tools.common import add_media_flags, media_data_args, output_stem, resolve_input, write_json_atomic  # noqa: E402
+
+CHUNK = 32  # samples per task sent to a worker
+SHOWN_PROBLEMS = 20  # problems printed per input; the problems file has them all
+
+
+# ------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (``--help`` documents every flag)."""
+    parser = argparse.ArgumentParser(
+        prog="tools/check_image.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Inputs and outputs:"):], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="registry names (name or name%%N) and/or annotation files (.json list or .jsonl)")
+    parser.add_argument("--data_path", default="",
+                        help="folder the media paths of annotation-FILE inputs are relative to (registry names use "
+                             "their own data_path); default: paths as written")
+    parser.add_argument("--model_name_or_path", default=None,
+                        help="checkpoint: its image processor (patch geometry) and tokenizer (over_length and "
+                             "no_labels checks); without it those two checks are skipped")
+    parser.add_argument("--model_max_length", type=int, default=512,
+                        help="as in training (default 512); used with --model_name_or_path")
+    parser.add_argument("--seed", type=int, default=42, help="as training's --seed: picks the name%%N subsets")
+    parser.add_argument("--output_dir", default=None,
+                        help="where *_valid.json and *_problems.json go (default: next to each annotation file)")
+    parser.add_argument("--workers", type=int, default=1, help="processes that decode media (default 1)")
+    parser.add_argument("--io_retries", type=int, default=3, help="retries of transient I/O errors per sample")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_media_flags(parser)
+    return parser
+
+
+# ------------------------------------------------------------------------- inputs
+@dataclass
+class Source:
+    """One input: where its samples come from and which of them are checked."""
+
+    label: str  # what the user typed
+    name: str  # registry name, or the annotation path for file inputs
+    annotation_path: str
+    data_path: str
+    sampling_rate: float
+    records: list = field(repr=False, default_factory=list)
+    indices: list[int] = field(repr=False, default_factory=list)
+    error: str = ""  # a file-level problem (unreadable annotation file): nothing else is checked
+
+    def output_path(self, suffix: str, output_dir: str | None) -> Path:
+        """``<stem>_valid.json`` / ``<stem>_problems.json`` (``<stem>_{N}pct_...`` for ``%N``)."""
+        folder = Path(output_dir) if output_dir else Path(self.annotation_path).parent
+        return folder / f"{output_stem(self.annotation_path, self.sampling_rate)}_{suffix}.json"
+
+
+def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[Source]:
+    """Registry names and annotation files -> sources with their selected sample indices.
+
+    A file that cannot be read as annotations (missing, empty, broken JSON) becomes a
+    Source with ``error`` set; a JSONL line that does not parse is a ``bad_json`` sample.
+
+    Raises:
+        ValueError: an input that is neither a registered name nor a file path, or a bad ``%N``.
+    """
+    sources = []
+    for spec in inputs:
+        name, rate, annotation_path, source_data_path = resolve_input(spec, data_path)
+        source = Source(spec, name, annotation_path, source_data_path, rate)
+        try:
+            source.records = load_annotations(annotation_path, bad_lines="keep")
+        except ValueError as exc:
+            source.error = str(exc)
+        else:
+            source.indices = sample_indices(len(source.records), rate, seed, name)
+        sources.append(source)
+    return sources
+
+
+# ------------------------------------------------------------------------ checking
+_worker_validator: SampleValidator | None = None
+
+
+def _init_worker(validator: SampleValidator) -> None:
+    global _worker_validator
+    _worker_validator = validator
+
+
+def _check_chunk(chunk: list[tuple[int, Any, SampleRef]]) -> list[tuple[int, Problem | None]]:
+    return [(position, _worker_validator.validate(record, ref)) for position, record, ref in chunk]
+
+
+def check_samples(validator: SampleValidator, jobs: list[tuple[int, Any, SampleRef]], workers: int,
+                  desc: str, progress: bool = True) -> Iterator[tuple[int, Problem | None]]:
+    """Validate ``(position, record, ref)`` jobs, in processes when ``workers > 1``, with a progress bar.
+
+    Yields:
+        (position, the sample's first problem or None), in any order.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc=desc, unit="sample", disable=not progress, mininterval=0.5, file=sys.stderr)
+    try:
+        if workers <= 1 or len(jobs) < 2 * CHUNK:
+            for position, record, ref in jobs:
+                yield position, validator.validate(record, ref)
+                bar.update()
+            return
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        chunks = [jobs[start:start + CHUNK] for start in range(0, len(jobs), CHUNK)]
+        with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
+                                                      initargs=(validator,)) as pool:
+            for results in pool.imap_unordered(_check_chunk, chunks):
+                yield from results
+                bar.update(len(results))
+    finally:
+        bar.close()
+
+
+@dataclass
+class CheckResult:
+    """What one input produced."""
+
+    source: Source
+    problems: list[Problem]
+    valid_path: Path | None = None
+    problems_path: Path | None = None
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.problems, len(self.source.indices))
+
+
+def check_source(source: Source, validator: SampleValidator, workers: int, output_dir: str | None,
+                 progress: bool = True) -> CheckResult:
+    """Validate one input's selected samples and write its valid and problems files.
+
+    Returns:
+        the problems (sorted by index) and the paths written.
+    """
+    if source.error:
+        return CheckResult(source, [])
+    jobs = [(position, source.records[index], SampleRef(source.name, source.annotation_path, source.data_path, index))
+            for position, index in enumerate(source.indices)]
+    found: dict[int, Problem | None] = {}
+    for position, problem in check_samples(validator, jobs, workers, f"checking {source.label}", progress):
+        found[position] = problem
+    problems = sorted((p for p in found.values() if p is not None), key=lambda p: p.index)
+    valid = [source.records[index] for position, index in enumerate(source.indices) if found[position] is None]
+    result = CheckResult(source, problems, source.output_path("valid", output_dir),
+                         source.output_path("problems", output_dir))
+    write_json_atomic(result.valid_path, valid, indent=1)
+    write_json_atomic(result.problems_path, [p.to_dict() for p in problems], indent=1)
+    return result
+
+
+# ------------------------------------------------------------------------- report
+def format_table(results: Sequence[CheckResult]) -> str:
+    """The summary table: one row per input plus a total row; one column per problem kind found.
+
+    Example output::
+
+        input              total  valid  problems  missing_media  bad_image
+        demo_single_image     12     12         0              0          0
+        bad.json              20     18         2              1          1
+        total                 32     30         2              1          1
+    """
+    kinds: list[str] = []
+    for result in results:
+        for kind in result.summary["kinds"]:
+            if kind not in kinds:
+                kinds.append(kind)
+    header = ["input", "total", "valid", "problems"] + kinds
+    rows = []
+    totals = [0, 0, 0] + [0] * len(kinds)
+    for result in results:
+        if result.source.error:
+            rows.append([result.source.label, "error", "-", "-"] + ["-"] * len(kinds))
+            continue
+        summary = result.summary
+        numbers = [summary["total"], summary["valid"], summary["problems"]] + [summary["kinds"].get(k, 0)
+                                                                              for k in kinds]
+        totals = [a + b for a, b in zip(totals, numbers)]
+        rows.append([result.source.label] + numbers)
+    if len(results) > 1:
+        rows.append(["total"] + totals)
+    widths = [max(len(str(row[c])) for row in [header] + rows) for c in range(len(header))]
+    lines = []
+    for row in [header] + rows:
+        cells = [str(row[0]).ljust(widths[0])] + [str(v).rjust(w) for v, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def load_validator(args: argparse.Namespace) -> SampleValidator:
+    """The validator the flags describe: training's pixel/frame limits, the model's geometry and tokenizer."""
+    data_args = media_data_args(args)
+    tokenizer = None
+    if args.model_name_or_path:
+        from transformers import AutoTokenizer
+
+        from qwenvl.train.train_qwen import load_image_processor
+
+        processor = load_image_processor(args.model_name_or_path)
+        vision_config = VisionConfig.from_image_processor(processor, data_args.min_pixels, data_args.max_pixels)
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    else:
+        vision_config = VisionConfig(min_pixels=int(data_args.min_pixels), max_pixels=int(data_args.max_pixels))
+    return SampleValidator(vision_config, data_args, tokenizer,
+                           model_max_length=args.model_max_length if tokenizer is not None else None,
+                           io_retries=args.io_retries)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the tool; returns the exit status (0 all valid, 1 problems found)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer was used
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        sources = resolve_inputs(args.inputs, args.data_path, args.seed)
+        validator = load_validator(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    results = [check_source(source, validator, max(1, args.workers), args.output_dir, not args.no_progress)
+               for source in sources]
+
+    print(format_table(results))
+    if validator.encoder is None:
+        print("(no --model_name_or_path: over_length and no_labels were not checked)")
+    failed = False
+    for result in results:
+        source = result.source
+        if source.error:
+            failed = True
+            print(f"\n{source.label}: cannot read the annotation file: {source.error}")
+            continue
+        print(f"\n{source.label}: wrote {result.valid_path} ({result.summary['valid']} valid samples) and "
+              f"{result.problems_path} ({len(result.problems)} problems)")
+        for problem in result.problems[:SHOWN_PROBLEMS]:
+            print(f"  [{problem.kind}] {problem.message}")
+        if len(result.problems) > SHOWN_PROBLEMS:
+            print(f"  ... and {len(result.problems) - SHOWN_PROBLEMS} more in {result.problems_path}")
+        failed = failed or bool(result.problems)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""Answer with a fine-tuned Qwen-VL folder and score exact-match accuracy against the reference answers.
+
+The folder is what ``train_qwen.py`` wrote: a full checkpoint, or a LoRA
+adapter (``adapter_config.json``) that is loaded on its base model and merged.
+Prompts are built by the same code that builds training samples (``ChatEncoder``,
+``process_image``, ``load_video``, ``rope2d``), ending with the assistant prefix
+the chat template adds for generation, so the model sees at inference exactly
+the format it was trained on (AutoProcessor is not needed: it does not load
+without torchvision). Decoding is greedy.
+
+For an annotation file each sample is asked everything up to its last answer;
+that answer is the reference. A prediction matches when it equals the
+reference after stripping surrounding whitespace (``--ignore_case`` also folds
+case). Special tokens in answers (grounding boxes) are kept.
+
+Usage:
+    python tools/infer.py --model output/demo --annotation demo/single_image.json --data_path demo
+    python tools/infer.py --model output/lora --dataset demo_single_image,demo_grounding --output preds.jsonl
+    python tools/infer.py --model output/demo --image demo/images/red_circle.jpg --prompt "What shape is this?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:  # `python tools/infer.py` from a checkout
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from qwenvl.data import data_list  # noqa: E402
+from qwenvl.data.data_qwen import (  # noqa: E402
+    IMAGE_TAG,
+    ChatEncoder,
+    Conversation,
+    _rope_function,
+    load_annotations,
+    parse_conversation,
+    sample_images,
+    sample_indices,
+    sample_videos,
+)
+from qwenvl.data.vision import VisionConfig, num_vision_tokens, open_image, process_image  # noqa: E402
+from qwenvl.train.argument import DataArguments  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Prediction:
+    """One answered sample."""
+
+    source: str  # dataset name or annotation file
+    index: int  # position in the annotation file
+    prediction: str
+    reference: str | None
+
+    def matches(self, ignore_case: bool = False) -> bool:
+        """Exact match after stripping whitespace (and folding case with ``ignore_case``)."""
+        if self.reference is None:
+            return False
+        a, b = self.prediction.strip(), self.reference.strip()
+        return a.lower() == b.lower() if ignore_case else a == b
+
+
+class Predictor:
+    """A fine-tuned model with its tokenizer and image settings, ready to answer.
+
+    Args:
+        model: a loaded Qwen2-VL / Qwen2.5-VL model.
+        tokenizer: its tokenizer.
+        vision_config: patch geometry, normalisation and pixel limits.
+        data_args: video frame sampling (``DataArguments`` fields).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, vision_config: VisionConfig,
+                 data_args: DataArguments | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.vision_config = vision_config
+        self.data_args = data_args or DataArguments(min_pixels=vision_config.min_pixels,
+                                                    max_pixels=vision_config.max_pixels)
+        self.encoder = ChatEncoder(tokenizer)
+        self.model_type = model.config.model_type
+        self.rope_fn = _rope_function(self.model_type)
+        self.tokens_per_second = getattr(model.config.vision_config, "tokens_per_second", 2)
+        self.generation_prefix = np.asarray(
+            tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"], dtype=np.int64)
+        eos = model.generation_config.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.encoder.im_end_id}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        base_model: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> "Predictor":
+        """Load a training output folder (full or LoRA) with the pixel limits it was trained with.
+
+        Args:
+            path: the folder (``preprocessor_config.json`` and tokenizer files are read from it,
+                else from the base model of a LoRA adapter).
+            base_model: base checkpoint of a LoRA adapter (default: the one its config names).
+            dtype: weight dtype.
+            attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+            min_pixels: override the saved minimum pixel count per image.
+            max_pixels: override the saved maximum pixel count per image.
+
+        Returns:
+            the Predictor.
+        """
+        from transformers import AutoTokenizer
+
+        from qwenvl.train.lora import base_model_of, is_lora_folder, load_finetuned
+        from qwenvl.train.train_qwen import load_image_processor
+
+        path = Path(path)
+        model = load_finetuned(path, base_model=base_model, dtype=dtype, attn_implementation=attn_implementation)
+        fallback = str(path)
+        if is_lora_folder(path):
+            fallback = base_model or base_model_of(path)
+        tokenizer_dir = str(path) if (path / "tokenizer_config.json").is_file() else fallback
+        processor_dir = str(path) if (path / "preprocessor_config.json").is_file() else fallback
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        processor = load_image_processor(processor_dir)
+        size = getattr(processor, "size", None) or {}
+        saved_min = getattr(processor, "min_pixels", None) or size.get("shortest_edge")
+        saved_max = getattr(processor, "max_pixels", None) or size.get("longest_edge")
+        vision_config = VisionConfig.from_image_processor(processor, int(min_pixels or saved_min),
+                                                          int(max_pixels or saved_max))
+        return cls(model, tokenizer, vision_config)
+
+    def encode_prompt(
+        self,
+        conversation: Conversation,
+        images: Sequence[str] = (),
+        videos: Sequence[str] = (),
+        data_path: str = "",
+    ) -> dict[str, Any]:
+        """Model inputs for a conversation that ends with a user turn, plus the assistant prefix.
+
+        Args:
+            conversation: system prompt and turns (the last one from the user).
+            images: image sources in ``<image>`` order (paths relative to ``data_path``, or base64).
+            videos: video sources in ``<video>`` order.
+            data_path: folder the media paths are relative to.
+
+        Returns:
+            ``input_ids`` (1, L), ``attention_mask`` (1, L), ``position_ids`` (4, 1, L)
+            (row 0 text positions, rows 1-3 mrope), and ``pixel_values`` /
+            ``image_grid_thw`` / ``pixel_values_videos`` / ``video_grid_thw`` /
+            ``second_per_grid_ts`` where there is media.
+
+        Raises:
+            ValueError: the tags do not match the media, or the last turn is not the user's.
+        """
+        if not conversation.turns or conversation.turns[-1][0] != "user":
+            raise ValueError("the prompt must end with a user turn")
+        cfg = self.vision_config
+        image_parts = [process_image(open_image(source, data_path), cfg) for source in images]
+        video_parts = []
+        if videos:
+            from qwenvl.data.video import load_video
+
+            video_parts = [load_video(source, data_path, self.data_args, cfg) for source in videos]
+        ids, _ = self.encoder.encode(
+            conversation,
+            [num_vision_tokens(grid, cfg.merge_size) for _, grid in image_parts],
+            [num_vision_tokens(grid, cfg.merge_size) for _, grid, _ in video_parts],
+        )
+        input_ids = torch.from_numpy(np.concatenate([ids, self.generation_prefix]))[None]  # (1, L)
+        image_grid = torch.tensor([g for _, g in image_parts], dtype=torch.long) if image_parts else None
+        video_grid = torch.tensor([g for _, g, _ in video_parts], dtype=torch.long) if video_parts else None
+        seconds = [s for _, _, s in video_parts]
+        rope_kwargs = dict(image_token_id=self.encoder.image_pad_id, video_token_id=self.encoder.video_pad_id,
+                           vision_start_token_id=self.encoder.vision_start_id)
+        if self.model_type != "qwen2_vl":
+            rope_kwargs["tokens_per_second"] = self.tokens_per_second
+        mrope, _ = self.rope_fn(cfg.merge_size, input_ids, image_grid_thw=image_grid, video_grid_thw=video_grid,
+                                second_per_grid_ts=seconds or None, **rope_kwargs)  # (3, 1, L)
+        text_positions = torch.arange(input_ids.shape[1])[None, None]  # (1, 1, L)
+        inputs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "position_ids": torch.cat([text_positions, mrope.to(torch.long)], dim=0),  # (4, 1, L)
+        }
+        dtype = next(self.model.parameters()).dtype
+        if image_parts:
+            inputs["pixel_values"] = torch.from_numpy(np.concatenate([p for p, _ in image_parts])).to(dtype)
+            inputs["image_grid_thw"] = image_grid
+        if video_parts:
+            inputs["pixel_values_videos"] = torch.from_numpy(np.concatenate([p for p, _, _ in video_parts])).to(dtype)
+            inputs["video_grid_thw"] = video_grid
+            if self.model_type != "qwen2_vl":
+                inputs["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
+        return inputs
+
+    @torch.no_grad()
+    def generate_ids(self, inputs: dict[str, Any], max_new_tokens: int = 128) -> list[int]:
+        """Greedy answer token ids, cut before the first stop token (``<|im_end|>``, eos)."""
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        output = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        new_ids = output[0, inputs["input_ids"].shape[1]:].tolist()
+        for position, token in enumerate(new_ids):
+            if token in self.stop_ids:
+                return new_ids[:position]
+        return new_ids
+
+    def answer(self, conversation: Conversation, images: Sequence[str] = (), videos: Sequence[str] = (),
+               data_path: str = "", max_new_tokens: int = 128) -> str:
+        """The model's answer to the conversation's last user turn (special tokens kept)."""
+        ids = self.generate_ids(self.encode_prompt(conversation, images, videos, data_path), max_new_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=False).strip()
+
+    def answer_sample(self, sample: dict, data_path: str = "", max_new_tokens: int = 128) -> tuple[str, str]:
+        """(prediction, reference) for an annotation sample: asked everything up to its last answer.
+
+        Raises:
+            ValueError: the conversation is malformed (see ``parse_conversation``).
+        """
+        conversation = parse_conversation(sample)
+        reference = conversation.turns[-1][1]
+        prompt = Conversation(conversation.system, conversation.turns[:-1])
+        prediction = self.answer(prompt, sample_images(sample), sample_videos(sample), data_path, max_new_tokens)
+        return prediction, reference
+
+
+# ------------------------------------------------------------------- scoring
+def accuracy_table(predictions: Sequence[Prediction], ignore_case: bool = False, width: int = 60) -> str:
+    """A markdown table per sample, then exact-match accuracy per source and overall.
+
+    Example:
+        >>> print(accuracy_table([Prediction("a.json", 0, "Red", "Red"), Prediction("a.json", 1, "x", "Blue")]))
+        | source | index | match | prediction | reference |
+        |---|---|---|---|---|
+        | a.json | 0 | yes | Red | Red |
+        | a.json | 1 | no | x | Blue |
+        <BLANKLINE>
+        | source | samples | exact match | accuracy |
+        |---|---|---|---|
+        | a.json | 2 | 1 | 50.00% |
+        | all | 2 | 1 | 50.00% |
+    """
+    def cell(text: str | None) -> str:
+        text = "" if text is None else text.replace("\n", "\\n").replace("|", "\\|")
+        return text if len(text) <= width else text[:width - 3] + "..."
+
+    lines = ["| source | index | match | prediction | reference |", "|---|---|---|---|---|"]
+    totals: dict[str, list[int]] = {}
+    for p in predictions:
+        hit = p.matches(ignore_case)
+        lines.append(f"| {p.source} | {p.index} | {'yes' if hit else 'no'} | {cell(p.prediction)} | "
+                     f"{cell(p.reference)} |")
+        totals.setdefault(p.source, [0, 0])
+        totals[p.source][0] += 1
+        totals[p.source][1] += int(hit)
+    lines += ["", "| source | samples | exact match | accuracy |", "|---|---|---|---|"]
+    rows = list(totals.items()) + [("all", [len(predictions), sum(hit for _, hit in totals.values())])]
+    for source, (count, hits) in rows:
+        lines.append(f"| {source} | {count} | {hits} | {100.0 * hits / max(count, 1):.2f}% |")
+    return "\n".join(lines)
+
+
+def annotation_sources(args: argparse.Namespace) -> list[tuple[str, str, str, list[int]]]:
+    """(source name, annotation path, data path, sample indices) for --annotation or --dataset."""
+    if args.annotation:
+        data_path = args.data_path if args.data_path is not None else str(Path(args.annotation).parent)
+        records = load_annotations(args.annotation)
+        return [(Path(args.annotation).name, args.annotation, data_path, list(range(len(records))))]
+    sources = []
+    for config in data_list(args.dataset.split(",")):
+        records = load_annotations(config["annotation_path"])
+        kept = sample_indices(len(records), config["sampling_rate"], args.seed, config["name"])
+        sources.append((config["name"], config["annotation_path"], config["data_path"], kept))
+    return sources
+
+
+def main(argv: list[str] | None = None) -> list[Prediction]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="fine-tuned folder (full checkpoint or LoRA adapter)")
+    parser.add_argument("--base_model", default=None, help="base of a LoRA adapter (default: from its config)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--annotation", help="annotation file (.json list or .jsonl)")
+    what.add_argument("--dataset", help="registry names, as --dataset_use (name%%N keeps a seeded N%%)")
+    what.add_argument("--image", action="append", help="image for --prompt (repeat for several)")
+    what.add_argument("--text_only", action="store_true", help="answer --prompt without media")
+    parser.add_argument("--prompt", help="question for --image / --text_only (<image> tags added if missing)")
+    parser.add_argument("--data_path", default=None, help="media folder of --annotation (default: its folder)")
+    parser.add_argument("--max_samples", type=int, default=None, help="answer at most this many samples per source")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--ignore_case", action="store_true", help="compare answers case-insensitively")
+    parser.add_argument("--output", default=None, help="write one JSON line per sample here")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--min_pixels", default=None, help="override the saved limit, e.g. 4*28*28")
+    parser.add_argument("--max_pixels", default=None, help="override the saved limit, e.g. 576*28*28")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the name%%N subsets (as in training)")
+    args = parser.parse_args(argv)
+
+    from qwenvl.train.argument import PixelCount
+
+    predictor = Predictor.from_pretrained(
+        args.model, base_model=args.base_model, dtype=DTYPES[args.dtype], attn_implementation=args.attn_implementation,
+        min_pixels=PixelCount(args.min_pixels) if args.min_pixels else None,
+        max_pixels=PixelCount(args.max_pixels) if args.max_pixels else None,
+    )
+    if args.image or args.text_only:
+        if not args.prompt:
+            parser.error("--image / --text_only need --prompt")
+        images = args.image or []
+        prompt = args.prompt
+        missing = len(images) - prompt.count(IMAGE_TAG)
+        if missing > 0:
+            prompt = IMAGE_TAG * missing + "\n" + prompt
+        answer = predictor.answer(Conversation(None, [("user", prompt)]), images, (), "", args.max_new_tokens)
+        print(answer)
+        return [Prediction("prompt", 0, answer, None)]
+
+    predictions = []
+    for source, annotation_path, data_path, indices in annotation_sources(args):
+        records = load_annotations(annotation_path)
+        for index in indices[:args.max_samples]:
+            try:
+                prediction, reference = predictor.answer_sample(records[index], data_path, args.max_new_tokens)
+            except ValueError as exc:
+                raise ValueError(f"{annotation_path}:{index}: {exc}") from None
+            predictions.append(Prediction(source, index, prediction, reference))
+    print(accuracy_table(predictions, ignore_case=args.ignore_case))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            for p in predictions:
+                handle.write(json.dumps({"source": p.source, "index": p.index, "prediction": p.prediction,
+                                         "reference": p.reference, "match": p.matches(args.ignore_case)},
+                                        ensure_ascii=False) + "\n")
+    return predictions
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,494 @@
+"""Pack a dataset offline: count every sample's exact tokens, bin-pack them into groups of ``--pack_length``.
+
+Usage:
+    python tools/pack_data.py demo_single_image demo_multi_image%50 --model_name_or_path tiny_model/qwen2_5_vl
+    python tools/pack_data.py /data/train.jsonl --data_path /data/media \\
+        --model_name_or_path Qwen/Qwen2.5-VL-7B-Instruct \\
+        --pack_length 8192 --model_max_length 8192 --max_pixels 576*28*28 --workers 16
+
+Inputs and outputs:
+    Each input is a registry name from ``qwenvl/data/__init__.py`` (optionally ``name%N``: the same
+    seeded N percent that ``--dataset_use name%N --seed S`` trains on) or an annotation file (a path
+    ending in .json/.jsonl, or containing a path separator; ``file.json%N`` works too), whose media
+    paths are relative to ``--data_path``. By default each input is packed on its own, next to its
+    annotation file: ``train.json`` -> ``train_pack.json`` (``train_50pct_pack.json`` for ``%50``).
+    ``--output FILE`` packs all inputs together into FILE instead (their media must share one
+    data_path). Counts are cached per annotation file in ``train_count.json`` (next to it, or in
+    ``--cache_dir``), keyed by the annotation's content, data_path, the tokenizer (sha256 of its full
+    serialisation and the chat special ids), pixel/frame flags, model_max_length and the source of
+    the counting code: any change recounts, nothing stale is reused. Media files edited in place
+    are not detected; pass ``--recount`` then.
+
+Train on the result: register it like any dataset, with the source's data_path, e.g.
+    DEMO_PACK = {"annotation_path": "demo/single_image_pack.json", "data_path": "demo"}
+then ``--data_packing True --dataset_use demo_pack`` (the tool prints the entry to paste).
+
+Counts are exact: ``count == len(LazySupervisedDataset(...)[i]["input_ids"])`` for the same flags
+(see ``qwenvl/data/token_count.py``); image sizes come from file headers, videos from container
+metadata, nothing is decoded. Samples the dataset would reject (missing media, tag mismatches, a
+``model_max_length`` cut through an image) are left out and listed. Pass the ``--model_max_length``
+you train with; samples longer than ``--pack_length`` get a group of their own (``--oversize keep``)
+or are left out (``--oversize drop``), and are always reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:  # `python tools/pack_data.py` from a checkout
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from qwenvl.data.data_qwen import load_annotations, sample_images, sample_indices, sample_videos  # noqa: E402
+from qwenvl.data.token_count import TokenCount, TokenCounter  # noqa: E402
+from qwenvl.data.vision import VisionConfig  # noqa: E402
+from tools.common import add_media_flags, media_data_args, output_stem, resolve_input, write_json_atomic  # noqa: E402
+
+CACHE_FORMAT = "qwenvl-token-counts"
+CHUNK = 64  # samples per task sent to a worker
+
+
+# ------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (``--help`` documents every flag)."""
+    parser = argparse.ArgumentParser(
+        prog="tools/pack_data.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Inputs and outputs:"):], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="registry names (name or name%%N) and/or annotation files (.json list or .jsonl)")
+    parser.add_argument("--model_name_or_path", required=True,
+                        help="checkpoint or processor folder: its tokenizer and image processor (patch/merge sizes)")
+    parser.add_argument("--data_path", default="",
+                        help="folder the media paths of annotation-FILE inputs are relative to (registry names use "
+                             "their own data_path); default: paths as written")
+    parser.add_argument("--pack_length", type=int, default=4096, help="tokens per group (default 4096)")
+    parser.add_argument("--model_max_length", type=int, default=None,
+                        help="training's --model_max_length: longer samples are cut on text or rejected exactly as "
+                             "the dataset does (default: --pack_length)")
+    parser.add_argument("--oversize", choices=("keep", "drop"), default="keep",
+                        help="samples longer than --pack_length: keep each in a group of its own (default) or "
+                             "drop them; either way they are reported")
+    parser.add_argument("--output", default=None,
+                        help="write ONE packed file holding all inputs (default: one *_pack.json per input, next "
+                             "to its annotation file)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="where the *_count.json caches go (default: next to each annotation file)")
+    parser.add_argument("--recount", action="store_true", help="ignore cached counts (they are still rewritten)")
+    parser.add_argument("--workers", type=int, default=1, help="counting processes (default 1)")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="training's --seed: picks the name%%N subsets (default 42)")
+    parser.add_argument("--show_problems", type=int, default=20,
+                        help="list at most this many left-out samples per output (default 20; all are counted)")
+    add_media_flags(parser)
+    return parser
+
+
+# ------------------------------------------------------------------------- inputs
+@dataclass
+class Source:
+    """One input: where its samples come from and which of them are packed."""
+
+    label: str  # what the user typed
+    name: str  # registry name, or the annotation path for file inputs
+    annotation_path: str
+    data_path: str
+    sampling_rate: float
+    records: list = field(repr=False, default_factory=list)
+    indices: list[int] = field(repr=False, default_factory=list)
+
+    @property
+    def has_media(self) -> bool:
+        """Whether any selected sample references an image or a video."""
+        return any(isinstance(r, dict) and (sample_images(r) or sample_videos(r))
+                   for r in (self.records[i] for i in self.indices))
+
+    def default_output(self) -> Path:
+        """``<stem>_pack.json`` (or ``<stem>_{N}pct_pack.json``) next to the annotation file."""
+        return Path(self.annotation_path).with_name(f"{output_stem(self.annotation_path, self.sampling_rate)}_pack.json")
+
+
+def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[Source]:
+    """Registry names and annotation files -> sources with their selected sample indices.
+
+    Args:
+        inputs: e.g. ``["demo_single_image%50", "/data/extra.jsonl"]``.
+        data_path: media folder for annotation-file inputs.
+        seed: picks ``%N`` subsets exactly as training's ``--seed`` does.
+
+    Returns:
+        one Source per input.
+
+    Raises:
+        ValueError: unknown registry name (the message lists the registered ones), a missing or
+            malformed annotation file, or a bad ``%N``.
+    """
+    sources = []
+    for spec in inputs:
+        name, rate, annotation_path, source_data_path = resolve_input(spec, data_path)
+        records = load_annotations(annotation_path, bad_lines="keep")  # a bad JSONL line is reported, not fatal
+        if records and all(isinstance(r, list) for r in records):
+            raise ValueError(f"{annotation_path} holds groups of samples: it is already packed")
+        indices = sample_indices(len(records), rate, seed, name)
+        sources.append(Source(spec, name, annotation_path, source_data_path, rate, records, indices))
+    return sources
+
+
+# -------------------------------------------------------------------------- cache
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_path_for(annotation_path: str, cache_dir: str | None) -> Path:
+    """``<stem>_count.json`` next to the annotation file, or in ``cache_dir``."""
+    path = Path(annotation_path)
+    name = path.name.removesuffix(".jsonl").removesuffix(".json") + "_count.json"
+    return Path(cache_dir) / name if cache_dir else path.with_name(name)
+
+
+def cache_key(settings: dict, annotation_path: str, data_path: str) -> str:
+    """sha256 over the counter settings, the annotation file's content and the media folder."""
+    material = {
+        "settings": settings,
+        "annotation_sha256": file_sha256(annotation_path),
+        "data_path": os.path.abspath(data_path) if data_path else "",
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def read_cache(path: Path, key: str, num_records: int) -> list[TokenCount | None] | None:
+    """Cached counts when ``path`` holds counts for exactly this key, else None."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            cache = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT or cache.get("key") != key:
+        return None
+    counts = cache.get("counts")
+    if not isinstance(counts, list) or len(counts) != num_records:
+        return None
+    try:
+        return [None if c is None else TokenCount.from_json(c) for c in counts]
+    except (TypeError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------- counting
+_worker_counter: TokenCounter | None = None
+
+
+def _init_worker(counter: TokenCounter) -> None:
+    global _worker_counter
+    _worker_counter = counter
+
+
+def count_one(counter: TokenCounter, index: int, record: Any, data_path: str, where: str) -> TokenCount:
+    """``counter.count``; an unexpected failure (a bug, not a bad sample) names the sample."""
+    try:
+        return counter.count(record, data_path, where, index)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the sample's location
+        raise RuntimeError(f"{where}:{index}: counting failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _count_chunk(chunk: list[tuple[int, Any, str, str]]) -> list[tuple[int, list]]:
+    return [(job[0], count_one(_worker_counter, *job).to_json()) for job in chunk]
+
+
+def count_samples(
+    counter: TokenCounter, jobs: list[tuple[int, Any, str, str]], workers: int, desc: str
+) -> Iterator[tuple[int, TokenCount]]:
+    """Count ``(index, record, data_path, annotation_path)`` jobs, in processes when ``workers > 1``,
+    with a progress bar (on terminals)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc=desc, unit="sample", disable=None, mininterval=1.0)
+    try:
+        if workers <= 1 or len(jobs) < 2 * CHUNK:
+            for job in jobs:
+                yield job[0], count_one(counter, *job)
+                bar.update()
+            return
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        chunks = [jobs[start:start + CHUNK] for start in range(0, len(jobs), CHUNK)]
+        with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
+                                                      initargs=(counter,)) as pool:
+            for results in pool.imap_unordered(_count_chunk, chunks):
+                for index, value in results:
+                    yield index, TokenCount.from_json(value)
+                bar.update(len(results))
+    finally:
+        bar.close()
+
+
+def counts_for(
+    source: Source, counter: TokenCounter, settings: dict, cache_dir: str | None, recount: bool, workers: int
+) -> tuple[dict[int, TokenCount], int, int]:
+    """Counts of a source's selected samples, from the cache where it is valid.
+
+    Returns:
+        ({index: TokenCount}, reused from cache, counted now).
+    """
+    cache_path = cache_path_for(source.annotation_path, cache_dir)
+    key = cache_key(settings, source.annotation_path, source.data_path)
+    cached = None if recount else read_cache(cache_path, key, len(source.records))
+    counts: list[TokenCount | None] = cached if cached is not None else [None] * len(source.records)
+    missing = [i for i in source.indices if counts[i] is None]
+    jobs = [(i, source.records[i], source.data_path, source.annotation_path) for i in missing]
+    for index, count in count_samples(counter, jobs, workers, f"counting {source.label}"):
+        counts[index] = count
+    if missing or cached is None:
+        try:
+            write_json_atomic(cache_path, {
+                "format": CACHE_FORMAT, "key": key, "annotation_path": os.path.abspath(source.annotation_path),
+                "data_path": source.data_path, "settings": settings,
+                # a transient I/O failure is not remembered: the next run counts that sample again
+                "counts": [c.to_json() if c is not None and c.kind != "io_error" else None for c in counts],
+            })
+        except OSError as exc:
+            print(f"warning: cannot write the count cache {cache_path} ({exc}); pass --cache_dir to keep counts",
+                  file=sys.stderr)
+    reused = len(source.indices) - len(missing)
+    return {i: counts[i] for i in source.indices}, reused, len(missing)
+
+
+# ------------------------------------------------------------------------ packing
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Pack items into bins of ``capacity``: longest first, each into the first bin with room.
+
+    A segment tree over the bins' free space finds the first bin with room in
+    O(log n), so 1M samples pack in seconds. Items longer than ``capacity`` get
+    a bin of their own.
+
+    Args:
+        lengths: item sizes (> 0).
+        capacity: bin size.
+
+    Returns:
+        bins as lists of item indices, in the order the bins were opened; items
+        within a bin in the order they were placed (longest first).
+
+    Example:
+        >>> first_fit_decreasing([3, 7, 5, 2, 9], capacity=10)
+        [[4], [1, 0], [2, 3]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    size = 1
+    while size < max(1, len(lengths)):
+        size *= 2
+    free = [-1] * (2 * size)  # max free space below each node; -1 = no open bin there
+    slot_bin: list[int] = []  # tree slot -> index in bins
+    bins: list[list[int]] = []
+    for item in order:
+        length = lengths[item]
+        if length > capacity:
+            bins.append([item])
+            continue
+        if free[1] >= length:
+            node = 1
+            while node < size:
+                node = 2 * node if free[2 * node] >= length else 2 * node + 1
+        else:
+            node = size + len(slot_bin)
+            slot_bin.append(len(bins))
+            bins.append([])
+            free[node] = capacity
+        bins[slot_bin[node - size]].append(item)
+        free[node] -= length
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return bins
+
+
+@dataclass
+class PackResult:
+    """What one output file holds; ``main`` prints it and returns it (for tests)."""
+
+    output: Path
+    data_path: str
+    sources: list[str]
+    num_input: int  # samples selected from the inputs
+    num_packed: int  # samples written
+    num_bins: int
+    tokens: int  # real tokens written
+    fill: float  # tokens / sum over bins of max(pack_length, bin tokens)
+    longest: int  # longest packed sample
+    truncated: int  # packed samples cut to model_max_length
+    oversize: int  # samples longer than pack_length (kept alone or dropped)
+    dropped: list[tuple[str, int, str, str]]  # (annotation_path, index, kind, reason)
+    reused: int  # counts read from the cache
+    counted: int  # counts computed now
+    count_seconds: float
+    pack_seconds: float
+    bin_lengths: list[int] = field(repr=False, default_factory=list)
+
+
+def pack_sources(
+    sources: list[Source], output: Path, data_path: str, counts: list[dict[int, TokenCount]], pack_length: int,
+    oversize: str,
+) -> tuple[list[list[dict]], PackResult]:
+    """Groups of samples for one output, and its report (counting fields left at 0)."""
+    start = time.perf_counter()
+    items: list[tuple[Source, int]] = []
+    lengths: list[int] = []
+    dropped: list[tuple[str, int, str, str]] = []
+    truncated = over = 0
+    for source, source_counts in zip(sources, counts):
+        for index in source.indices:
+            count = source_counts[index]
+            if not count.ok:
+                dropped.append((source.annotation_path, index, count.kind, count.reason))
+                continue
+            if count.length > pack_length:
+                over += 1
+                if oversize == "drop":
+                    dropped.append((source.annotation_path, index, "over_pack_length",
+                                    f"{count.length} tokens > pack_length {pack_length}"))
+                    continue
+            truncated += count.kind == "truncated"
+            items.append((source, index))
+            lengths.append(count.length)
+    bins = first_fit_decreasing(lengths, pack_length)
+    groups = [[items[k][0].records[items[k][1]] for k in members] for members in bins]
+    bin_lengths = [sum(lengths[k] for k in members) for members in bins]
+    tokens = sum(lengths)
+    capacity = sum(max(pack_length, n) for n in bin_lengths)
+    result = PackResult(
+        output=output, data_path=data_path, sources=[s.label for s in sources],
+        num_input=sum(len(s.indices) for s in sources), num_packed=len(items), num_bins=len(bins), tokens=tokens,
+        fill=tokens / capacity if capacity else 0.0, longest=max(lengths, default=0), truncated=truncated,
+        oversize=over, dropped=dropped, reused=0, counted=0, count_seconds=0.0,
+        pack_seconds=time.perf_counter() - start, bin_lengths=bin_lengths,
+    )
+    return groups, result
+
+
+def report(result: PackResult, pack_length: int, model_max_length: int, oversize: str, show: int) -> str:
+    """Human-readable summary of one output."""
+    rate = result.counted / result.count_seconds if result.count_seconds > 0 else float("inf")
+    kinds = Counter(kind for _, _, kind, _ in result.dropped)
+    lines = [
+        f"{', '.join(result.sources)} -> {result.output}",
+        f"  samples: {result.num_input} selected, {result.num_packed} packed, {len(result.dropped)} left out"
+        + (f" ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))})" if kinds else ""),
+        f"  counts: {result.counted} counted in {result.count_seconds:.2f} s ({rate:.0f} samples/s), "
+        f"{result.reused} reused from the cache",
+        f"  bins: {result.num_bins} of {pack_length} tokens, fill {100 * result.fill:.2f}% "
+        f"({result.tokens} real tokens), longest sample {result.longest}, packed in {result.pack_seconds:.3f} s",
+        f"  truncated to model_max_length {model_max_length}: {result.truncated}; longer than pack_length: "
+        f"{result.oversize} ({'each kept in a group of its own' if oversize == 'keep' else 'left out'})",
+    ]
+    for path, index, kind, reason in result.dropped[:show]:
+        lines.append(f"  left out {path}:{index}: [{kind}] {reason}")
+    if len(result.dropped) > show:
+        lines.append(f"  ... and {len(result.dropped) - show} more (--show_problems N lists more; the count "
+                     f"caches hold them all)")
+    return "\n".join(lines)
+
+
+def registry_snippet(output: Path, data_path: str) -> str:
+    """The entry to paste into qwenvl/data/__init__.py for a packed file."""
+    name = output.name.removesuffix(".json")
+    return (f"  register in qwenvl/data/__init__.py:  data_dict[{name!r}] = "
+            f"{{'annotation_path': {str(output.resolve())!r}, 'data_path': {data_path!r}}}\n"
+            f"  then train with: --data_packing True --dataset_use {name}")
+
+
+# --------------------------------------------------------------------------- main
+def load_counter(args: argparse.Namespace) -> TokenCounter:
+    """Tokenizer, image processor and flags -> the counter training's dataset agrees with."""
+    from transformers import AutoTokenizer
+
+    from qwenvl.train.train_qwen import load_image_processor
+
+    data_args = media_data_args(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    processor = load_image_processor(args.model_name_or_path)
+    vision_config = VisionConfig.from_image_processor(processor, data_args.min_pixels, data_args.max_pixels)
+    return TokenCounter(tokenizer, data_args, vision_config, args.model_max_length)
+
+
+def plan_outputs(sources: list[Source], output: str | None) -> list[tuple[Path, str, list[Source]]]:
+    """(output file, its data_path, its sources): one per input, or all into ``--output``.
+
+    Raises:
+        ValueError: two inputs would write the same file, or merged inputs with media
+            have different data_paths (one packed file has one data_path).
+    """
+    if output is None:
+        plans = [(s.default_output(), s.data_path, [s]) for s in sources]
+        seen: dict[Path, str] = {}
+        for path, _, (source,) in plans:
+            if path.resolve() in seen:
+                raise ValueError(f"inputs {seen[path.resolve()]!r} and {source.label!r} would both write {path}; "
+                                 f"pass --output to pack them together")
+            seen[path.resolve()] = source.label
+        return plans
+    with_media = [s for s in sources if s.has_media]
+    roots = {os.path.abspath(s.data_path) if s.data_path else "" for s in with_media}
+    if len(roots) > 1:
+        listing = "; ".join(f"{s.label}: {s.data_path or '(paths as written)'}" for s in with_media)
+        raise ValueError(f"--output packs all inputs into one file, which has one data_path, but the inputs' media "
+                         f"live under different data_paths ({listing}); pack them separately (no --output)")
+    data_path = with_media[0].data_path if with_media else ""
+    return [(Path(output), data_path, list(sources))]
+
+
+def main(argv: list[str] | None = None) -> list[PackResult]:
+    """Run the tool; returns one PackResult per written file."""
+    args = build_parser().parse_args(argv)
+    if args.pack_length < 1:
+        raise SystemExit(f"--pack_length must be positive, got {args.pack_length}")
+    if args.model_max_length is None:
+        args.model_max_length = args.pack_length
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        sources = resolve_inputs(args.inputs, args.data_path, args.seed)
+        plans = plan_outputs(sources, args.output)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    counter = load_counter(args)
+    settings = counter.settings()
+
+    results = []
+    for output, data_path, members in plans:
+        counts, reused, counted, seconds = [], 0, 0, 0.0
+        for source in members:
+            start = time.perf_counter()
+            source_counts, source_reused, source_counted = counts_for(
+                source, counter, settings, args.cache_dir, args.recount, args.workers)
+            seconds += time.perf_counter() - start
+            counts.append(source_counts)
+            reused, counted = reused + source_reused, counted + source_counted
+        groups, result = pack_sources(members, output, data_path, counts, args.pack_length, args.oversize)
+        result.reused, result.counted, result.count_seconds = reused, counted, seconds
+        if not groups:
+            print(report(result, args.pack_length, args.model_max_length, args.oversize, args.show_problems))
+            raise SystemExit(f"error: no sample of {', '.join(result.sources)} can be packed; nothing written")
+        write_json_atomic(output, groups)
+        print(report(result, args.pack_length, args.model_max_length, args.oversize, args.show_problems))
+        print(registry_snippet(output, data_path))
+        results.append(result)
+    return results
+
+
+if __name__ == "__main__":
+    main()
