@@ -249,8 +249,10 @@ class QwenVLTrainer(Trainer):
 
         The dummy passes run inside the model's own forward (hooks), so DDP sees
         the tower's parameters used in forward, with ``find_unused_parameters``
-        on or off. The loss value and the gradients are unchanged.
+        on or off. The loss value and the gradients are unchanged. Skipped bad
+        samples listed in the batch are recorded first (``record_bad_samples``).
         """
+        self.record_bad_samples(inputs)
         calls = self.dummy_vision_calls(model, inputs)
         host = self.accelerator.unwrap_model(model) if calls else None
         visual = find_submodule(host, "visual") if calls else None
@@ -342,9 +344,13 @@ class QwenVLTrainer(Trainer):
         self._issue_warnings_after_load(load_checkpoint_weights(self.model, best))
 
     # ------------------------------------------------ skipped bad samples (qwenvl/train/bad_samples.py)
-    def _prepare_inputs(self, inputs: dict) -> dict:
-        """Hand the batch's skipped bad samples to the ``BadSampleMonitor``; the model never sees the list."""
-        problems = inputs.pop(BAD_SAMPLES_KEY, None) if isinstance(inputs, dict) else None
+    def record_bad_samples(self, inputs: dict) -> None:
+        """Hand the batch's skipped bad samples to the ``BadSampleMonitor`` and drop them from ``inputs``.
+
+        Called first in ``compute_loss`` (training and evaluation both go through it), so
+        the model never sees the list.
+        """
+        problems = inputs.pop(BAD_SAMPLES_KEY, None)
         if problems:
             split = "train" if self.model.training else "eval"
             monitors = [cb for cb in self.callback_handler.callbacks if isinstance(cb, BadSampleMonitor)]
@@ -353,7 +359,6 @@ class QwenVLTrainer(Trainer):
             if not monitors:
                 for problem in problems:
                     logger.warning("skipped bad sample (%s): %s", problem.kind, problem.message)
-        return super()._prepare_inputs(inputs)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
         """The Trainer's label count, at least 1: a window of all-bad placeholder batches has none (0/0 = NaN)."""
