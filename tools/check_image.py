@@ -34,7 +34,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ if str(_REPO_ROOT) not in sys.path:  # `python tools/check_image.py` from a chec
 from qwenvl.data.data_qwen import Problem, SampleRef, load_annotations, sample_indices  # noqa: E402
 from qwenvl.data.validation import SampleValidator, summarize  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
-from tools.common import add_media_flags, media_data_args, output_stem, resolve_input, write_json_atomic  # noqa: E402
+from tools.common import Source, add_media_flags, media_data_args, output_stem, resolve_input, write_json_atomic  # noqa: E402
 
 CHUNK = 32  # samples per task sent to a worker
 SHOWN_PROBLEMS = 20  # problems printed per input; the problems file has them all
@@ -80,16 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------- inputs
 @dataclass
-class Source:
-    """One input: where its samples come from and which of them are checked."""
+class CheckedSource(Source):
+    """One input and which of its samples are checked."""
 
-    label: str  # what the user typed
-    name: str  # registry name, or the annotation path for file inputs
-    annotation_path: str
-    data_path: str
-    sampling_rate: float
-    records: list = field(repr=False, default_factory=list)
-    indices: list[int] = field(repr=False, default_factory=list)
     error: str = ""  # a file-level problem (unreadable annotation file): nothing else is checked
 
     def output_path(self, suffix: str, output_dir: str | None) -> Path:
@@ -98,11 +91,11 @@ class Source:
         return folder / f"{output_stem(self.annotation_path, self.sampling_rate)}_{suffix}.json"
 
 
-def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[Source]:
+def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[CheckedSource]:
     """Registry names and annotation files -> sources with their selected sample indices.
 
     A file that cannot be read as annotations (missing, empty, broken JSON) becomes a
-    Source with ``error`` set; a JSONL line that does not parse is a ``bad_json`` sample.
+    source with ``error`` set; a JSONL line that does not parse is a ``bad_json`` sample.
 
     Raises:
         ValueError: an input that is neither a registered name nor a file path, or a bad ``%N``.
@@ -110,7 +103,7 @@ def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[Sou
     sources = []
     for spec in inputs:
         name, rate, annotation_path, source_data_path = resolve_input(spec, data_path)
-        source = Source(spec, name, annotation_path, source_data_path, rate)
+        source = CheckedSource(spec, name, annotation_path, source_data_path, rate)
         try:
             source.records = load_annotations(annotation_path, bad_lines="keep")
         except ValueError as exc:
@@ -165,7 +158,7 @@ def check_samples(validator: SampleValidator, jobs: list[tuple[int, Any, SampleR
 class CheckResult:
     """What one input produced."""
 
-    source: Source
+    source: CheckedSource
     problems: list[Problem]
     valid_path: Path | None = None
     problems_path: Path | None = None
@@ -175,7 +168,7 @@ class CheckResult:
         return summarize(self.problems, len(self.source.indices))
 
 
-def check_source(source: Source, validator: SampleValidator, workers: int, output_dir: str | None,
+def check_source(source: CheckedSource, validator: SampleValidator, workers: int, output_dir: str | None,
                  progress: bool = True) -> CheckResult:
     """Validate one input's selected samples and write its valid and problems files.
 

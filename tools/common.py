@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,19 @@ def media_data_args(args: argparse.Namespace) -> DataArguments:
 def looks_like_file(name: str) -> bool:
     """An input that names an annotation file rather than a registered dataset."""
     return name.endswith((".json", ".jsonl")) or os.sep in name or (os.altsep is not None and os.altsep in name)
+
+
+@dataclass
+class Source:
+    """One input of a tool: where its samples come from and which of them it works on."""
+
+    label: str  # what the user typed
+    name: str  # registry name, or the annotation path for file inputs
+    annotation_path: str
+    data_path: str
+    sampling_rate: float
+    records: list = field(repr=False, default_factory=list)
+    indices: list[int] = field(repr=False, default_factory=list)
 
 
 def resolve_input(spec: str, data_path: str) -> tuple[str, float, str, str]:

@@ -53,7 +53,7 @@ if str(_REPO_ROOT) not in sys.path:  # `python tools/pack_data.py` from a checko
 from qwenvl.data.data_qwen import load_annotations, sample_images, sample_indices, sample_videos  # noqa: E402
 from qwenvl.data.token_count import TokenCount, TokenCounter  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
-from tools.common import add_media_flags, media_data_args, output_stem, resolve_input, write_json_atomic  # noqa: E402
+from tools.common import Source, add_media_flags, media_data_args, output_stem, resolve_input, write_json_atomic  # noqa: E402
 
 CACHE_FORMAT = "qwenvl-token-counts"
 CHUNK = 64  # samples per task sent to a worker
@@ -97,16 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------- inputs
 @dataclass
-class Source:
-    """One input: where its samples come from and which of them are packed."""
-
-    label: str  # what the user typed
-    name: str  # registry name, or the annotation path for file inputs
-    annotation_path: str
-    data_path: str
-    sampling_rate: float
-    records: list = field(repr=False, default_factory=list)
-    indices: list[int] = field(repr=False, default_factory=list)
+class PackedSource(Source):
+    """One input and which of its samples are packed."""
 
     @property
     def has_media(self) -> bool:
@@ -119,7 +111,7 @@ class Source:
         return Path(self.annotation_path).with_name(f"{output_stem(self.annotation_path, self.sampling_rate)}_pack.json")
 
 
-def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[Source]:
+def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[PackedSource]:
     """Registry names and annotation files -> sources with their selected sample indices.
 
     Args:
@@ -128,7 +120,7 @@ def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[Sou
         seed: picks ``%N`` subsets exactly as training's ``--seed`` does.
 
     Returns:
-        one Source per input.
+        one source per input.
 
     Raises:
         ValueError: unknown registry name (the message lists the registered ones), a missing or
@@ -141,7 +133,7 @@ def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[Sou
         if records and all(isinstance(r, list) for r in records):
             raise ValueError(f"{annotation_path} holds groups of samples: it is already packed")
         indices = sample_indices(len(records), rate, seed, name)
-        sources.append(Source(spec, name, annotation_path, source_data_path, rate, records, indices))
+        sources.append(PackedSource(spec, name, annotation_path, source_data_path, rate, records, indices))
     return sources
 
 
@@ -238,7 +230,7 @@ def count_samples(
 
 
 def counts_for(
-    source: Source, counter: TokenCounter, settings: dict, cache_dir: str | None, recount: bool, workers: int
+    source: PackedSource, counter: TokenCounter, settings: dict, cache_dir: str | None, recount: bool, workers: int
 ) -> tuple[dict[int, TokenCount], int, int]:
     """Counts of a source's selected samples, from the cache where it is valid.
 
@@ -342,12 +334,12 @@ class PackResult:
 
 
 def pack_sources(
-    sources: list[Source], output: Path, data_path: str, counts: list[dict[int, TokenCount]], pack_length: int,
+    sources: list[PackedSource], output: Path, data_path: str, counts: list[dict[int, TokenCount]], pack_length: int,
     oversize: str,
 ) -> tuple[list[list[dict]], PackResult]:
     """Groups of samples for one output, and its report (counting fields left at 0)."""
     start = time.perf_counter()
-    items: list[tuple[Source, int]] = []
+    items: list[tuple[PackedSource, int]] = []
     lengths: list[int] = []
     dropped: list[tuple[str, int, str, str]] = []
     truncated = over = 0
@@ -426,7 +418,7 @@ def load_counter(args: argparse.Namespace) -> TokenCounter:
     return TokenCounter(tokenizer, data_args, vision_config, args.model_max_length)
 
 
-def plan_outputs(sources: list[Source], output: str | None) -> list[tuple[Path, str, list[Source]]]:
+def plan_outputs(sources: list[PackedSource], output: str | None) -> list[tuple[Path, str, list[PackedSource]]]:
     """(output file, its data_path, its sources): one per input, or all into ``--output``.
 
     Raises:
