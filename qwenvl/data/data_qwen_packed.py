@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from qwenvl.data.data_qwen import BadSampleError, LazySupervisedDataset, Problem, SampleRef, flatten_instances
-from qwenvl.data.vision import VisionConfig
 
 
 @dataclass(frozen=True)
@@ -46,22 +45,9 @@ class PackedSupervisedDataset(LazySupervisedDataset):
             the file and the item.
     """
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        data_args: Any,
-        vision_config: VisionConfig,
-        model_type: str = "qwen2_5_vl",
-        model_max_length: int = 512,
-        seed: int = 42,
-        tokens_per_second: float = 2,
-        dataset_use: str | None = None,
-        **policy: Any,
-    ):
+    def __init__(self, *args: Any, **kwargs: Any):
         # The parent reads the registry and the %N subsets; its records are our groups.
-        super().__init__(tokenizer, data_args, vision_config, model_type=model_type,
-                         model_max_length=model_max_length, seed=seed, tokens_per_second=tokens_per_second,
-                         dataset_use=dataset_use, **policy)
+        super().__init__(*args, **kwargs)
         groups, group_refs = self.records, self.refs
         self.records, self.refs = [], []  # one entry per sample, so the parent's get_item works on samples
         self.groups: list[list[int]] = []  # group -> indices into records
