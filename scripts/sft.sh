@@ -5,7 +5,10 @@
 #   DATASETS=my_ds%50 MODEL=/models/Qwen2.5-VL-3B-Instruct bash scripts/sft.sh --max_pixels "576*28*28"
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python}
+# The project's venv (scripts/install.sh) when it exists, else the python on PATH; PY=... overrides.
+if [ -z "${PY:-}" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=$(command -v python3 || command -v python); fi
+fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-$(shuf -i 20001-29999 -n 1)}
 NNODES=${NNODES:-1}

@@ -9,7 +9,10 @@
 #   NPROC_PER_NODE=2 MODEL=tiny_model/qwen2_5_vl bash scripts/sft_lora.sh --bf16 False --use_cpu True --ddp_backend gloo
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python}
+# The project's venv (scripts/install.sh) when it exists, else the python on PATH; PY=... overrides.
+if [ -z "${PY:-}" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=$(command -v python3 || command -v python); fi
+fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-$(shuf -i 20001-29999 -n 1)}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(nvidia-smi --list-gpus | wc -l)}

@@ -1,11 +1,33 @@
-"""Command-line arguments: the three dataclasses HfArgumentParser reads."""
+"""Command-line arguments: the three dataclasses HfArgumentParser reads, and how they are parsed.
+
+``parse_args`` reads flags, or a YAML/JSON config file followed by flags that
+override it (``train_qwen.py config.yaml --learning_rate 1e-5``). Abbreviated
+flags are refused. Flags that guides written for transformers 4 use
+(``--evaluation_strategy``, ``--group_by_length``, ``--save_safetensors``,
+``--overwrite_output_dir``, ``--logging_dir``, ``--warmup_ratio``) are
+accepted and translated; ``TrainingArguments.legacy_notes`` says what each became.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
+import os
 import re
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import torch
 import transformers
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, found before the model loads; the message names the flag and the fix."""
 
 _PRODUCT = re.compile(r"^\s*\d+(\s*\*\s*\d+)*\s*$")
 
@@ -58,8 +80,16 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset_use: str = field(default="", metadata={"help": "Comma-separated registry names, each optionally name%N."})
+    # argparse formats help strings with %: a literal percent sign is written %%.
+    dataset_use: str = field(default="", metadata={"help": "Comma-separated registry names, each optionally "
+                                                            "name%%N (keep a seeded N%% of it)."})
     eval_dataset_use: str = field(default="", metadata={"help": "Registry names for the eval set (same syntax)."})
+    dataset_registry: str = field(
+        default="",
+        metadata={"help": "A registry file (YAML or JSON: name -> {annotation_path, data_path}) whose entries are "
+                          "added to the registry of qwenvl/data/__init__.py (tools/pack_data.py --registry_file "
+                          "writes one)."},
+    )
     data_flatten: bool = field(default=False, metadata={"help": "Concatenate each micro-batch into one row."})
     data_packing: bool = field(default=False, metadata={"help": "dataset_use names files from tools/pack_data.py."})
     base_interval: float = field(default=2, metadata={"help": "Seconds between sampled video frames."})
@@ -122,17 +152,246 @@ class TrainingArguments(transformers.TrainingArguments):
     use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
     use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale adapters by lora_alpha / sqrt(r)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4 base weights (CUDA + bitsandbytes)."})
+    logging_steps: float = field(
+        default=10,
+        metadata={"help": "Log the loss every N optimizer steps (transformers' default, 500, shows nothing in a "
+                          "short run); step 1 is logged too (--logging_first_step)."},
+    )
+    logging_first_step: bool = field(default=True, metadata={"help": "Log the first step's loss."})
+    # ---- flags of the transformers 4 era that guides still use: translated in __post_init__ (legacy_notes)
     warmup_ratio: float | None = field(
         default=None,
         metadata={"help": "Warmup as a fraction of the training steps, in [0, 1). transformers 5 folded it into "
                           "--warmup_steps (a float below 1); kept so the original launch scripts run unchanged."},
     )
+    evaluation_strategy: str | None = field(
+        default=None, metadata={"help": "Old name of --eval_strategy (transformers 5 removed it); same meaning."},
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Old flag (transformers 5 removed it): same as --train_sampling_strategy group_by_length."},
+    )
+    save_safetensors: bool | None = field(
+        default=None,
+        metadata={"help": "Old flag (transformers 5 removed it): checkpoints are always safetensors; True is "
+                          "accepted, False refused."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in --output_dir: delete its checkpoint-* folders and finished-run record "
+                          "instead of resuming from them (transformers 5 removed the flag; this is its meaning here)."},
+    )
+    logging_dir: str | None = field(
+        default=None,
+        metadata={"help": "Old flag (transformers 5 removed it): TensorBoard's log folder, passed on as "
+                          "TENSORBOARD_LOGGING_DIR."},
+    )
 
     def __post_init__(self) -> None:
+        self.legacy_notes: list[str] = []
+        self._translate_legacy_flags()
+        self.deepspeed = _resolve_config_path(self.deepspeed, "--deepspeed")
+        self.fsdp_config = _resolve_config_path(self.fsdp_config, "--fsdp_config")
+        if self.fp16 and not _fp16_device_available(self.use_cpu):
+            raise ValueError(
+                "--fp16: float16 mixed precision needs a CUDA (or other accelerator) device; on CPU the loss "
+                "underflows and the weights become NaN. Use --bf16 True (CPU supports bfloat16) or float32 "
+                "(neither flag)."
+            )
+        super().__post_init__()
+
+    def _translate_legacy_flags(self) -> None:
+        """Map the transformers 4 flags onto their transformers 5 equivalents, noting each in ``legacy_notes``."""
+        notes = self.legacy_notes
         if self.warmup_ratio is not None:
             if not 0.0 <= self.warmup_ratio < 1.0:
-                raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             if self.warmup_steps:
                 raise ValueError("give --warmup_ratio or --warmup_steps, not both")
             self.warmup_steps = self.warmup_ratio
-        super().__post_init__()
+            notes.append(f"--warmup_ratio {self.warmup_ratio:g} -> --warmup_steps {self.warmup_ratio:g} "
+                         "(transformers 5: a value below 1 is a fraction of the steps)")
+        if self.evaluation_strategy is not None:
+            given = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+            if given != "no" and given != self.evaluation_strategy:
+                raise ValueError(f"--evaluation_strategy {self.evaluation_strategy} contradicts --eval_strategy "
+                                 f"{given}; give only --eval_strategy")
+            self.eval_strategy = self.evaluation_strategy
+            notes.append(f"--evaluation_strategy {self.evaluation_strategy} -> --eval_strategy "
+                         f"{self.evaluation_strategy}")
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
+            notes.append("--group_by_length -> --train_sampling_strategy group_by_length")
+        if self.save_safetensors is False:
+            raise ValueError("--save_safetensors False: transformers 5 always saves safetensors; drop the flag "
+                             "(torch.load-style .bin checkpoints are no longer written)")
+        if self.save_safetensors:
+            notes.append("--save_safetensors: always on in transformers 5 (flag ignored)")
+        if self.logging_dir:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = self.logging_dir
+            notes.append(f"--logging_dir {self.logging_dir} -> TENSORBOARD_LOGGING_DIR={self.logging_dir}")
+        if self.overwrite_output_dir:
+            notes.append("--overwrite_output_dir: earlier checkpoints and the finished-run record in --output_dir "
+                         "are deleted; training starts from step 0")
+
+
+def _fp16_device_available(use_cpu: bool) -> bool:
+    """Whether float16 mixed precision can run: a CUDA/XPU/NPU device that the run will use."""
+    if use_cpu:
+        return False
+    if torch.cuda.is_available():
+        return True
+    for name in ("xpu", "npu", "mlu", "musa"):
+        backend = getattr(torch, name, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return True
+    return False
+
+
+def _resolve_config_path(value: Any, flag: str) -> Any:
+    """A ``--deepspeed`` / ``--fsdp_config`` file: as given, else relative to the project root (or its scripts/).
+
+    Inline JSON, dicts and None pass through unchanged.
+
+    Raises:
+        ValueError: no such file in any of those places; the message lists where it looked.
+
+    Example:
+        >>> _resolve_config_path("zero3.json", "--deepspeed")  # from any working directory
+        '/path/to/project/zero3.json'
+    """
+    if not isinstance(value, str) or not value or value.lstrip().startswith("{") or os.path.isfile(value):
+        return value
+    if os.path.isabs(value):
+        raise ValueError(f"{flag} {value}: no such file")
+    candidates = [REPO_ROOT / value, REPO_ROOT / "scripts" / value]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    shipped = sorted(str(p.relative_to(REPO_ROOT)) for p in [*REPO_ROOT.glob("*.json"), *(REPO_ROOT / "scripts").glob("*.json")])
+    raise ValueError(
+        f"{flag} {value}: no such file in the working directory ({os.getcwd()}) nor in the project "
+        f"({REPO_ROOT}, {REPO_ROOT / 'scripts'}); the project ships {', '.join(shipped)}"
+    )
+
+
+# ------------------------------------------------------------------- parsing
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# Keys of a config file's `lora:` section -> TrainingArguments fields.
+LORA_KEYS = {"enable": "lora_enable", "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+             "target_modules": "lora_target_modules", "use_dora": "use_dora", "use_rslora": "use_rslora",
+             "load_in_4bit": "load_in_4bit"}
+
+
+def build_parser() -> transformers.HfArgumentParser:
+    """The entry point's parser: the three dataclasses, abbreviations refused."""
+    return transformers.HfArgumentParser(
+        ARGUMENT_CLASSES,
+        allow_abbrev=False,
+        prog="train_qwen.py",
+        description="Fine-tune Qwen2-VL / Qwen2.5-VL / Qwen3-VL. Flags, or a YAML/JSON config file first and "
+                    "flags that override it: train_qwen.py config.yaml --learning_rate 1e-5",
+    )
+
+
+def argument_names() -> set[str]:
+    """Every setting a flag or a config file may give."""
+    return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Settings from a YAML or JSON file: a flat mapping of flag names, plus an optional ``lora:`` section.
+
+    The ``lora`` section's keys may drop the ``lora_`` prefix (``r``, ``alpha``, ``dropout``,
+    ``target_modules`` as a list or a comma-separated string, ``enable``).
+
+    Raises:
+        ValueError: the file is not a mapping, or names a setting that does not exist (with close matches).
+
+    Example:
+        >>> load_config_file("examples/qwen2_5_vl_lora.yaml")["lora_r"]
+        64
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of settings, found {type(data).__name__}")
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "lora" and isinstance(value, dict):
+            for lora_key, lora_value in value.items():
+                name = LORA_KEYS.get(lora_key, lora_key if lora_key.startswith("lora_") else f"lora_{lora_key}")
+                if name == "lora_target_modules" and isinstance(lora_value, (list, tuple)):
+                    lora_value = ",".join(str(v) for v in lora_value)
+                settings[name] = lora_value
+            if "lora_enable" not in settings:
+                settings["lora_enable"] = True
+        else:
+            settings[key] = value
+    known = argument_names()
+    for key in settings:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"config file {path}: unknown setting {key!r}{hint}")
+    for key in ("dataset_use", "eval_dataset_use"):  # a YAML list of datasets is natural
+        if isinstance(settings.get(key), (list, tuple)):
+            settings[key] = ",".join(str(v) for v in settings[key])
+    return settings
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Flags, or ``CONFIG.yaml|json [flags]``, into the three argument dataclasses.
+
+    A flag given on the command line overrides the same setting in the file.
+
+    Raises:
+        ConfigError: an unknown or abbreviated flag, a bad config file or a bad value.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
+        settings = load_config_file(argv[0])
+        argv = argv[1:]
+        # Every value becomes the flag's default, so argparse converts strings the same way as on the
+        # command line (e.g. "576*28*28", "1e-5") and a flag given after the file wins.
+        parser.set_defaults(**{k: v if not isinstance(v, bool) else v for k, v in settings.items()})
+    try:
+        *outputs, remaining = parser.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False, return_remaining_strings=True)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a dataclass __post_init__ refused a value (flags and files alike)
+        raise ConfigError(str(exc)) from exc
+    if remaining:
+        raise ConfigError(unknown_flags_message(remaining))
+    return outputs[0], outputs[1], outputs[2]
+
+
+def unknown_flags_message(remaining: list[str]) -> str:
+    """``unknown flag --learning_rat (did you mean --learning_rate?)`` for what the parser did not take.
+
+    Abbreviations are refused (``allow_abbrev=False``), so a prefix of a real flag lands here too.
+    """
+    known = sorted(f"--{name}" for name in argument_names())
+    parts = []
+    for token in remaining:
+        if not token.startswith("--"):
+            continue
+        flag = token.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=2)
+        parts.append(flag + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    if not parts:
+        return f"unexpected values on the command line: {' '.join(remaining)}"
+    return f"unknown flag {', '.join(parts)}; abbreviations are not accepted (see train_qwen.py --help)"

@@ -14,7 +14,8 @@ How a skipped sample travels (``--bad_sample_policy skip``):
    ``--bad_sample_threshold`` of the training samples are bad, all ranks raise
    ``BadDataError`` at the same step, with the list.
 
-Rank 0 logs the totals per dataset at the end of each epoch and writes every
+Rank 0 logs the totals per dataset at the end of each epoch that skipped something
+(and one line at the end of training) and writes every
 bad sample to ``output_dir/bad_samples.jsonl`` (one JSON object per line:
 dataset, annotation_path, index, kind, reason, message, split, epoch).
 """
@@ -187,9 +188,12 @@ class BadSampleMonitor(TrainerCallback):
         self._end_of("training", args, state)
 
     def _end_of(self, what: str, args, state) -> None:
+        """Report after an epoch only when something was skipped; at the end of training always (one line if none)."""
         self._log_new(self.sync(args.device), state.is_world_process_zero)
         if state.is_world_process_zero:
-            path = self.write()
-            log = logger.warning if self.problems else logger.info
-            log("after %s: %s\n  (listed in %s)", what, self.report(), path)
+            if self.problems:
+                path = self.write()
+                logger.warning("after %s: %s\n  (listed in %s)", what, self.report(), path)
+            elif what == "training":
+                logger.info("bad samples: none of %d training samples skipped", self.total)
         self.check_threshold(state.is_world_process_zero)

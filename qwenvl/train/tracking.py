@@ -101,3 +101,114 @@ class RunSummaryCallback(TrainerCallback):
 
             if wandb.run is not None:
                 wandb.finish()
+
+
+# ------------------------------------------------------------ start-up summary
+def quiet_library_warnings() -> None:
+    """Filter, once, the library warnings that tell a user of this project nothing they can act on.
+
+    Each filter names the module that warns and the start of its message, so anything new still shows.
+    """
+    import warnings
+
+    noise = [
+        # DeepSpeed's ZeRO-3 hooks and checkpoint code use torch APIs that torch marks as deprecated.
+        (FutureWarning, r"deepspeed(\.|$)", r".*"),
+        (FutureWarning, r"torch\.distributed", r"`torch\.distributed\.\w+` is deprecated"),
+        (FutureWarning, r"torch\.utils\.checkpoint", r".*"),
+        (UserWarning, r"torch\.utils\.checkpoint", r".*None of the inputs have requires_grad"),
+        (UserWarning, r"torch\.distributed\.distributed_c10d", r".*barrier\(\).*device"),
+        (UserWarning, r"accelerate(\.|$)", r".*(use_cpu|mixed precision|gradient_accumulation_plugin)"),
+    ]
+    for category, module, message in noise:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def _estimated_tokens(dataset: Any, samples: int = 2048) -> float | None:
+    """Mean rough length of the first ``samples`` items (the dataset's ``lengths``), or None."""
+    try:
+        lengths = dataset.lengths
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not lengths:
+        return None
+    head = list(lengths[:samples])
+    return sum(head) / len(head)
+
+
+class StartupSummaryCallback(TrainerCallback):
+    """One block on the main process when training begins: what trains, on what, how fast it will go.
+
+    Logged lines: model and family (``model_type``), attention, distributed mode, trainable parameters
+    per module (``describe_trainable``), datasets with sizes and ``%N``, effective batch, optimizer
+    steps and epochs, estimated tokens per step, old flags translated, and the checkpoint resumed from.
+
+    Args:
+        model: the model being trained (before DeepSpeed/FSDP wrapping).
+        model_args, data_args: the parsed arguments.
+        data_module: ``make_supervised_data_module``'s dict.
+        distributed_type: ``trainer.accelerator.distributed_type``.
+        trainable: ``describe_trainable(model)``.
+        legacy_notes: ``TrainingArguments.legacy_notes``.
+        resume_from: the checkpoint this run resumes from, or None.
+    """
+
+    def __init__(self, model: nn.Module, model_args: Any, data_args: Any, data_module: dict, distributed_type: Any,
+                 trainable: str, legacy_notes: list[str] | None = None, resume_from: str | None = None):
+        self.model_type = getattr(model.config, "model_type", "?")
+        self.model_class = type(model).__name__
+        self.attention = getattr(model.config, "_attn_implementation", None) or model_args.attn_implementation
+        self.model_path = model_args.model_name_or_path
+        self.data_args = data_args
+        self.train_dataset = data_module["train_dataset"]
+        self.eval_dataset = data_module.get("eval_dataset")
+        self.distributed = str(distributed_type).split(".")[-1]
+        self.trainable = trainable
+        self.params = parameter_summary(model)
+        self.legacy_notes = list(legacy_notes or [])
+        self.resume_from = resume_from
+        self.text = ""
+
+    def summary(self, args: Any, state: Any) -> str:
+        """The block's text."""
+        world = max(int(args.world_size), 1)
+        per_device = int(args.per_device_train_batch_size)
+        accumulation = int(args.gradient_accumulation_steps)
+        effective = per_device * world * accumulation
+        mode = "packed" if self.data_args.data_packing else "flattened" if self.data_args.data_flatten else "padded"
+        sizes = Counter(ref.dataset for ref in getattr(self.train_dataset, "refs", []))
+        rates = {}
+        for spec in self.data_args.dataset_use.split(","):
+            name, _, rate = spec.strip().partition("%")
+            rates[name] = f" ({rate}%)" if rate else ""
+        datasets = ", ".join(f"{name} {count:,}{rates.get(name, '')}" for name, count in sizes.items()) \
+            or f"{len(self.train_dataset):,} items"
+        mean = _estimated_tokens(self.train_dataset)
+        tokens = f"~{mean * effective:,.0f} (rough: text words + media guesses)" if mean else "unknown"
+        lines = [
+            f"model: {self.model_path} ({self.model_type}, {self.model_class}), attention {self.attention}",
+            f"distributed: {self.distributed}, {world} process(es)" + (f", {args.deepspeed}" if args.deepspeed else ""),
+            f"trainable: {self.params['params/trainable']:,} of {self.params['params/total']:,} parameters "
+            f"(llm {self.params['params/trainable/llm']:,}, vision tower "
+            f"{self.params['params/trainable/vision_tower']:,}, projector {self.params['params/trainable/projector']:,})",
+            *("  " + line for line in self.trainable.splitlines()),
+            f"data: {datasets}; batches {mode}"
+            + (f"; eval {len(self.eval_dataset):,} samples" if self.eval_dataset is not None else ""),
+            f"batch: {per_device} per device x {world} process(es) x {accumulation} accumulation = {effective} "
+            f"samples per optimizer step",
+            f"steps: {state.max_steps:,} optimizer steps = {state.max_steps * effective / max(len(self.train_dataset), 1):.2f} "
+            f"epoch(s) of {len(self.train_dataset):,} items"
+            + (f" (--max_steps {args.max_steps})" if args.max_steps > 0 else f" (--num_train_epochs {args.num_train_epochs:g})"),
+            f"tokens per step: {tokens}",
+            f"logging every {args.logging_steps:g} step(s); saving every {args.save_steps:g} step(s) to "
+            f"{args.output_dir}",
+        ]
+        lines += [f"old flag: {note}" for note in self.legacy_notes]
+        if self.resume_from:
+            lines.append(f"resuming from {self.resume_from}")
+        return "\n".join(lines)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.text = self.summary(args, state)
+            logger.info("start-up summary\n%s", "\n".join("  " + line for line in self.text.splitlines()))

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 # `torchrun qwenvl/train/train_qwen.py` runs this file as a script: make `qwenvl` importable.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -22,18 +23,24 @@ if str(_REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoTokenizer  # noqa: E402
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 
 from qwenvl.data.data_qwen import make_supervised_data_module  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
-from qwenvl.train.argument import DataArguments, ModelArguments, TrainingArguments  # noqa: E402
+from qwenvl.train.argument import ConfigError, ModelArguments, TrainingArguments, parse_args  # noqa: E402
 from qwenvl.train.bad_samples import BadSampleMonitor, dataset_sizes  # noqa: E402
 from qwenvl.train.trainer import LLM, PROJECTOR, VISION_TOWER, QwenVLTrainer, classify_parameter, describe_trainable  # noqa: E402
 from qwenvl.train.distributed import (  # noqa: E402
     OptimizerGroupsCallback, configure_fsdp, expected_optimizer_groups, fsdp_fallback_reason, prepare_deepspeed,
 )
 from qwenvl.train.lora import apply_lora, quantization_config  # noqa: E402
-from qwenvl.train.tracking import RunSummaryCallback, dataset_summary, parameter_summary  # noqa: E402
+from qwenvl.train.preflight import preflight  # noqa: E402
+from qwenvl.train.runs import (  # noqa: E402,F401  (find_resume_checkpoint: kept importable from here)
+    checkpoint_step, copy_final_model, find_resume_checkpoint, finished_run, mark_finished, model_files,
+    resume_checkpoint, start_over,
+)
+from qwenvl.train.tracking import (  # noqa: E402
+    RunSummaryCallback, StartupSummaryCallback, dataset_summary, parameter_summary, quiet_library_warnings,
+)
 
 logger = logging.getLogger("qwenvl")
 
@@ -45,10 +52,17 @@ MODEL_CLASSES = {
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
-    """INFO on the main process, warnings only elsewhere."""
+    """Our INFO lines on the main process (warnings only elsewhere); libraries at WARNING.
+
+    transformers' INFO level prints the whole model config at every load (three times per run);
+    the start-up summary (``StartupSummaryCallback``) says what a reader needs instead.
+    """
     level = logging.INFO if training_args.should_log else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
-    transformers.utils.logging.set_verbosity(level)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING, force=True)
+    logging.getLogger("qwenvl").setLevel(level)
+    logger.setLevel(level)
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+    quiet_library_warnings()
 
 
 def model_class_for(config: transformers.PretrainedConfig) -> type:
@@ -95,33 +109,55 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments) -> 
     return model
 
 
-def find_resume_checkpoint(output_dir: str) -> str | None:
-    """Newest complete ``checkpoint-*`` in output_dir, or None.
-
-    A run killed while saving leaves a checkpoint folder without
-    ``trainer_state.json`` (the Trainer writes it last); such a folder is
-    skipped with a warning instead of crashing the restart.
-    """
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for entry in os.listdir(output_dir):
-        prefix, _, step = entry.partition("-")
-        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isdir(os.path.join(output_dir, entry)):
-            steps.append(int(step))
-    for step in sorted(steps, reverse=True):
-        folder = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        if os.path.isfile(os.path.join(folder, "trainer_state.json")):
-            return folder
-        logger.warning("skipping incomplete checkpoint %s (no trainer_state.json: the run stopped while saving)",
-                       folder)
-    return None
+def save_processor(tokenizer: Any, image_processor: Any, data_args: Any, output_dir: str) -> None:
+    """Save the tokenizer (chat template included) and the image processor with the pixel limits used in training,
+    so inference preprocesses the same way."""
+    image_processor.size = {"shortest_edge": int(data_args.min_pixels), "longest_edge": int(data_args.max_pixels)}
+    for attr, value in (("min_pixels", data_args.min_pixels), ("max_pixels", data_args.max_pixels)):
+        if hasattr(image_processor, attr):
+            setattr(image_processor, attr, int(value))
+    tokenizer.save_pretrained(output_dir)
+    image_processor.save_pretrained(output_dir)
 
 
 def train(argv: list[str] | None = None) -> Path:
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    """Parse, check, train, save; returns the output folder.
+
+    Raises:
+        ConfigError: a setting that cannot work, found before the model loads (PreflightError too).
+    """
+    model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
+    preflight(model_args, data_args, training_args)  # seconds: datasets, integrations, eval, tune flags, limits
+    output_dir = training_args.output_dir
+    if training_args.overwrite_output_dir:
+        with training_args.main_process_first(local=False, desc="--overwrite_output_dir"):
+            start_over(output_dir, training_args.should_save)
+        checkpoint = None
+    else:
+        finished = finished_run(output_dir, training_args)
+        if finished is not None:
+            logger.warning("%s already holds a finished run (%s); nothing to do. Pass --overwrite_output_dir to "
+                           "train again from step 0, or raise --max_steps / --num_train_epochs to go on.",
+                           output_dir, finished)
+            return Path(output_dir)
+        checkpoint = resume_checkpoint(output_dir, training_args.resume_from_checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, cache_dir=training_args.cache_dir,
+        model_max_length=training_args.model_max_length, padding_side="right",
+    )
+    image_processor = load_image_processor(model_args.model_name_or_path, training_args.cache_dir)
+    if (checkpoint is not None and 0 < training_args.max_steps <= checkpoint_step(checkpoint)
+            and model_files(checkpoint)):
+        # The run stopped after its last checkpoint but before the final save. Resuming would make the
+        # Trainer take one more step past --max_steps; the checkpoint already is the final model.
+        if training_args.should_save:
+            copy_final_model(checkpoint, output_dir)
+            save_processor(tokenizer, image_processor, data_args, output_dir)
+            mark_finished(output_dir, checkpoint_step(checkpoint), training_args)
+        logger.warning("%s is at --max_steps %d: saved it as the final model without training", checkpoint,
+                       training_args.max_steps)
+        return Path(output_dir)
     # Before the model exists: ZeRO-3 builds it inside deepspeed.zero.Init, which needs deepspeed.comm up.
     prepare_deepspeed(training_args)
 
@@ -137,15 +173,7 @@ def train(argv: list[str] | None = None) -> Path:
         model.enable_input_require_grads()
         if training_args.activation_checkpointing_kwargs is None:
             training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
-    if training_args.should_log:
-        logger.info("model %s (%s, attention %s)\n%s", model_args.model_name_or_path, type(model).__name__,
-                    model_args.attn_implementation, describe_trainable(model))
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, cache_dir=training_args.cache_dir,
-        model_max_length=training_args.model_max_length, padding_side="right",
-    )
-    image_processor = load_image_processor(model_args.model_name_or_path, training_args.cache_dir)
     vision_config = VisionConfig.from_image_processor(image_processor, data_args.min_pixels, data_args.max_pixels)
     data_module = make_supervised_data_module(
         tokenizer,
@@ -169,9 +197,10 @@ def train(argv: list[str] | None = None) -> Path:
     fallback = fsdp_fallback_reason(training_args, trainer.accelerator.distributed_type)
     if fallback and training_args.should_log:  # accelerate does this silently (e.g. FSDP -> DDP on CPU)
         logger.warning(fallback)
-    checkpoint = find_resume_checkpoint(training_args.output_dir)
-    if checkpoint is not None:
-        logger.info("resuming from %s", checkpoint)
+    trainer.add_callback(StartupSummaryCallback(
+        model, model_args, data_args, data_module, trainer.accelerator.distributed_type, describe_trainable(model),
+        legacy_notes=training_args.legacy_notes, resume_from=checkpoint,
+    ))
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_state()
 
@@ -180,15 +209,19 @@ def train(argv: list[str] | None = None) -> Path:
         model.config.text_config.use_cache = True
     trainer.save_model(training_args.output_dir)
     if trainer.args.should_save:
-        # Saved with the pixel limits used in training, so inference preprocesses the same way.
-        image_processor.size = {"shortest_edge": int(data_args.min_pixels), "longest_edge": int(data_args.max_pixels)}
-        for attr, value in (("min_pixels", data_args.min_pixels), ("max_pixels", data_args.max_pixels)):
-            if hasattr(image_processor, attr):
-                setattr(image_processor, attr, int(value))
-        tokenizer.save_pretrained(training_args.output_dir)
-        image_processor.save_pretrained(training_args.output_dir)
+        save_processor(tokenizer, image_processor, data_args, training_args.output_dir)
+        mark_finished(training_args.output_dir, trainer.state.global_step, training_args)
     return Path(training_args.output_dir)
 
 
+def main() -> None:
+    try:
+        train()
+    except ConfigError as exc:  # a setting that cannot work: the message says which flag, no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train_qwen.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    train()
+    main()
