@@ -14,6 +14,7 @@ then train with ``--dataset_use my_dataset`` or ``--dataset_use my_dataset%50``
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -95,14 +96,15 @@ def data_list(dataset_names: list[str]) -> list[dict]:
         and ``name``.
 
     Raises:
-        ValueError: an unknown name or a malformed rate; the message lists the
-            registered names.
+        ValueError: an unknown name or a malformed rate (the message lists the
+            registered names), or a name given twice (``a,a`` or ``a%50,a%50``).
 
     Example:
         >>> [d["sampling_rate"] for d in data_list(["demo_single_image%50", "demo_text_only"])]
         [0.5, 1.0]
     """
     configs = []
+    named: dict[str, str] = {}  # name -> the entry that named it first
     for spec in dataset_names:
         if not spec.strip():
             continue
@@ -110,6 +112,11 @@ def data_list(dataset_names: list[str]) -> list[dict]:
             name, rate = parse_sampling_rate(spec)
         except ValueError as exc:
             raise ValueError(f"{exc}. Registered datasets: {', '.join(sorted(data_dict))}") from None
+        if name in named:  # 'a,a' and 'a%50,a%50' alike: every kept sample would be trained twice
+            raise ValueError(f"dataset {name!r} is named twice in --dataset_use ({named[name]!r} and "
+                             f"{spec.strip()!r}): each of its samples would be trained twice; name it once "
+                             f"(use {name}%N to keep N percent)")
+        named[name] = spec.strip()
         if name not in data_dict:
             raise ValueError(
                 f"unknown dataset {name!r} in --dataset_use; registered datasets: {', '.join(sorted(data_dict))} "
@@ -122,3 +129,53 @@ def data_list(dataset_names: list[str]) -> list[dict]:
     if not configs:
         raise ValueError(f"--dataset_use names no dataset; registered datasets: {', '.join(sorted(data_dict))}")
     return configs
+
+
+def load_registry_file(path: str) -> list[str]:
+    """Add the datasets of a registry file (YAML or JSON) to ``data_dict``; returns their names.
+
+    The file maps names to entries shaped like the Python ones::
+
+        my_dataset:
+          annotation_path: /data/my_dataset/train.json
+          data_path: /data/my_dataset
+
+    Relative paths in the file are relative to the file's folder. A name already in
+    ``data_dict`` with a different entry is an error (rename one of them).
+
+    Raises:
+        ValueError: the file is not a mapping of names to entries with an ``annotation_path``,
+            or it redefines a registered name.
+        OSError: the file cannot be read.
+
+    Example:
+        >>> load_registry_file("my_registry.yaml")
+        ['my_dataset']
+    """
+    import json
+
+    file = Path(path)
+    text = file.read_text(encoding="utf-8")
+    if file.suffix.lower() == ".json":
+        entries = json.loads(text)
+    else:
+        import yaml
+
+        entries = yaml.safe_load(text)
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: expected a mapping of dataset names to entries, found {type(entries).__name__}")
+    added = []
+    for name, entry in entries.items():
+        if not isinstance(entry, dict) or "annotation_path" not in entry:
+            raise ValueError(f"{path}: entry {name!r} should be a mapping with annotation_path (and data_path)")
+        resolved = dict(entry)
+        for key in ("annotation_path", "data_path"):
+            value = resolved.get(key) or ""
+            if value and not os.path.isabs(value):
+                value = str((file.parent / value).resolve())
+            resolved[key] = value
+        if name in data_dict and data_dict[name] != resolved:
+            raise ValueError(f"{path}: dataset {name!r} is already registered with {data_dict[name]}; rename it")
+        data_dict[name] = resolved
+        added.append(str(name))
+    return added
