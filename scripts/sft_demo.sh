@@ -26,5 +26,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-offline} T
     --model_max_length 2048 \
     --logging_steps 1 --save_steps "${SAVE_STEPS:-20}" --save_total_limit 2 \
     --dataloader_num_workers 0 --report_to none --seed 42 \
-    --attn_implementation sdpa --use_cpu True --ddp_backend gloo \
+    --attn_implementation sdpa_packed --use_cpu True --ddp_backend gloo \
     "$@"

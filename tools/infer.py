@@ -289,7 +289,8 @@ def annotation_sources(args: argparse.Namespace) -> list[tuple[str, str, str, li
 
 
 def main(argv: list[str] | None = None) -> list[Prediction]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", required=True, help="fine-tuned folder (full checkpoint or LoRA adapter)")
     parser.add_argument("--base_model", default=None, help="base of a LoRA adapter (default: from its config)")
     what = parser.add_mutually_exclusive_group(required=True)

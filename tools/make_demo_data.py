@@ -309,7 +309,8 @@ def write_demo(output_dir: str | Path = DEFAULT_OUTPUT_DIR) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--output_dir", default=str(DEFAULT_OUTPUT_DIR), help="folder to write (default: ./demo)")
     args = parser.parse_args(argv)
     counts = write_demo(args.output_dir)

@@ -122,7 +122,8 @@ def write_clip(clip: Clip, output_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--output_dir", default=str(REPO_ROOT / "demo" / "videos"))
     args = parser.parse_args(argv)
     for clip in DEMO_CLIPS:

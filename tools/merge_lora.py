@@ -28,7 +28,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def main(argv: list[str] | None = None) -> Path:
     from qwenvl.train.lora import merge_lora
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--lora", required=True, help="folder with adapter_config.json (--lora_enable output)")
     parser.add_argument("--output_dir", required=True, help="where to write the merged checkpoint")
     parser.add_argument("--base_model", default=None, help="base checkpoint (default: the one the adapter names)")

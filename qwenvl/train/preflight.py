@@ -160,6 +160,24 @@ def check_trainable(model_args: Any, training_args: Any) -> None:
         )
 
 
+ATTENTION_CHOICES = ("flash_attention_2", "flash_attention_3", "sdpa_packed", "sdpa", "eager", "flex_attention")
+
+
+def check_attention(attn_implementation: str) -> None:
+    """The attention implementation exists and, for flash attention, is installed.
+
+    Raises:
+        PreflightError: an unknown name, or flash_attention_2/3 without its package.
+    """
+    if attn_implementation not in ATTENTION_CHOICES:
+        raise PreflightError(f"--attn_implementation {attn_implementation}: expected one of "
+                             f"{', '.join(ATTENTION_CHOICES)}")
+    package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(attn_implementation)
+    if package and not _installed(package):
+        raise PreflightError(f"--attn_implementation {attn_implementation}: the {package} package is not installed "
+                             "(pip install flash-attn, on a CUDA machine), or use sdpa_packed")
+
+
 def vision_factor(model_name_or_path: str, model_config: dict[str, Any]) -> int:
     """Pixels per side of one LLM vision token: patch_size x merge_size (28 for Qwen2/2.5-VL, 32 for Qwen3-VL).
 
@@ -215,6 +233,7 @@ def preflight(model_args: Any, data_args: Any, training_args: Any) -> dict[str, 
     check_report_to(training_args.report_to)
     check_eval(training_args, data_args)
     check_trainable(model_args, training_args)
+    check_attention(model_args.attn_implementation)
     config = check_model_path(model_args.model_name_or_path, getattr(training_args, "cache_dir", None))
     check_pixel_limits(data_args, vision_factor(model_args.model_name_or_path, config))
     return config

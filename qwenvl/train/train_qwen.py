@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 
 from qwenvl.data.data_qwen import make_supervised_data_module  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
+import qwenvl.train.attention  # noqa: E402,F401  (registers --attn_implementation sdpa_packed)
 from qwenvl.train.argument import ConfigError, ModelArguments, TrainingArguments, parse_args  # noqa: E402
 from qwenvl.train.bad_samples import BadSampleMonitor, dataset_sizes  # noqa: E402
 from qwenvl.train.trainer import LLM, PROJECTOR, VISION_TOWER, QwenVLTrainer, classify_parameter, describe_trainable  # noqa: E402
@@ -191,6 +192,7 @@ def train(argv: list[str] | None = None) -> Path:
                                               data_args.bad_sample_threshold, training_args.output_dir))
     # Fails at train begin if DeepSpeed (or anything) replaced the per-module optimizer groups.
     trainer.add_callback(OptimizerGroupsCallback(expected_optimizer_groups(model, training_args)))
+    trainer.add_non_finite_guard()  # all ranks stop at a non-finite loss or grad norm; NaN weights are never saved
     if "wandb" in training_args.report_to:
         summary = parameter_summary(model) | dataset_summary(data_module["train_dataset"], data_module["eval_dataset"])
         trainer.add_callback(RunSummaryCallback(summary, describe_trainable(model)))

@@ -6,6 +6,7 @@ came after the model load would fail with the loader's "no weights" error instea
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 
 import pytest
@@ -45,6 +46,7 @@ def test_the_weightless_copy_fails_in_the_loader_when_every_setting_is_fine(weig
                                                       r"\(28x28 = 784 pixels\)"),
     (["--video_max_frame_pixels", "600", "--video_min_frame_pixels", "100"], r"--video_max_frame_pixels 600"),
     (["--data_packing", "True"], r"--data_packing True: demo_text_only .* is not a packed file; pack it first"),
+    (["--attn_implementation", "fast"], r"--attn_implementation fast: expected one of"),
     (["--resume_from_checkpoint", "/nowhere/checkpoint-3"], r"--resume_from_checkpoint /nowhere/checkpoint-3: no such"),
 ])
 def test_bad_settings_fail_before_the_model_loads(weightless, tmp_path, extra, message):
@@ -84,3 +86,9 @@ def test_the_command_line_prints_the_error_without_a_traceback(weightless, tmp_p
     assert done.returncode == 2
     assert "train_qwen.py: error: --dataset_use: unknown dataset 'nope'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_attention_without_the_package(weightless, tmp_path):
+    with pytest.raises(ConfigError, match="--attn_implementation flash_attention_2: the flash_attn package is not"):
+        train(argv(weightless, tmp_path, "--attn_implementation", "flash_attention_2"))
