@@ -124,7 +124,7 @@ class Predictor:
         from transformers import AutoTokenizer
 
         from qwenvl.train.lora import base_model_of, is_lora_folder, load_finetuned
-        from qwenvl.train.train_qwen import load_image_processor
+        from qwenvl.models.loading import load_image_processor
 
         path = Path(path)
         model = load_finetuned(path, base_model=base_model, dtype=dtype, attn_implementation=attn_implementation)

@@ -5,7 +5,8 @@ counting up. A vision block -- a maximal run of ``<|image_pad|>`` or
 ``<|video_pad|>`` tokens -- that starts at index ``s`` gets rows
 ``(s + t_index, s + h_index, s + w_index)`` over its
 ``(t, h / merge, w / merge)`` grid, h/w row-major. Text after a block resumes
-at (largest index used so far) + 1.
+at (largest index used so far) + 1; Qwen3-VL (each video split into one block
+per temporal patch) resumes at ``s + max(h, w) / merge``, as its model does.
 
 The work is vectorised over tokens: Python only loops over samples and over
 vision blocks, so a 32k-token sequence costs a handful of tensor ops.
@@ -186,53 +187,77 @@ def get_rope_index_3(
     image_token_id: int = IMAGE_TOKEN_ID,
     video_token_id: int = VIDEO_TOKEN_ID,
     vision_start_token_id: int = VISION_START_TOKEN_ID,
+    tokens_per_second: float | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3-VL position ids: every video frame is its own block with ``t = 1``.
+    """Qwen3-VL position ids, the rule of ``Qwen3VLModel.get_rope_index``.
 
-    Qwen3-VL writes a timestamp between frames
-    (``<t1> <vision_start> frame1 <vision_end> <t2> <vision_start> frame2 ...``), so a video
-    with grid ``(t, h, w)`` is ``t`` blocks of grid ``(1, h, w)``; the rest is the Qwen2-VL rule.
+    Qwen3-VL writes a timestamp before every temporal patch of a video
+    (``<0.5 seconds><vision_start> pads <vision_end><1.5 seconds><vision_start> ...``), so a
+    video with grid ``(t, h, w)`` is ``t`` blocks of grid ``(1, h, w)``. A block starting at
+    ``s`` gets rows ``(s + t_index, s + h_index, s + w_index)`` and the text after it resumes at
+    ``s + max(h, w) / spatial_merge_size`` (for ``t = 1`` blocks that is the largest index + 1,
+    the Qwen2-VL rule). Time is carried by the timestamp text, not by the temporal row.
 
     Args:
         spatial_merge_size (int): patches merged per side by the vision merger (2).
         input_ids (torch.Tensor): (batch, seq) token ids.
         image_grid_thw (GridThw): (num_images, 3) ``(t, h, w)`` patch grid per image, in order.
         video_grid_thw (GridThw): (num_videos, 3) patch grid per video (whole video), in order.
-        second_per_grid_ts (torch.Tensor | Sequence[float] | None): ignored; time is carried by
-            the timestamp text.
+        second_per_grid_ts (torch.Tensor | Sequence[float] | None): ignored; accepted so the
+            variants share one call signature.
         attention_mask (torch.Tensor | None): (batch, seq), 1 for real tokens, 0 for padding.
             Padding positions are filled with 1.
         image_token_id (int): id of ``<|image_pad|>``.
         video_token_id (int): id of ``<|video_pad|>``.
         vision_start_token_id (int): id of ``<|vision_start|>``; unused, see
             :func:`get_rope_index_25`.
+        tokens_per_second (float | None): ignored (a Qwen2.5-VL setting); accepted so callers
+            can pass the same keyword arguments to every variant.
+        mm_token_type_ids (torch.Tensor | None): (batch, seq) 0 text, 1 image, 2 video, as
+            transformers' Qwen3-VL processor returns it. When given, blocks are found from it
+            (like the model does) instead of from the pad token ids.
 
     Returns:
         tuple[torch.Tensor, torch.Tensor]: ``position_ids`` (3, batch, seq) long and
-        ``mrope_position_deltas`` (batch, 1) long.
+        ``mrope_position_deltas`` (batch, 1) long, ``max position + 1 - number of real tokens``.
 
     Raises:
         ValueError: if the number of blocks differs from the number of grids (one per image,
-            one per video frame) or a block's length is not ``h * w / spatial_merge_size**2``.
+            one per temporal patch of a video) or a block's length is not
+            ``t * h * w / spatial_merge_size**2``, or ``mm_token_type_ids`` has another shape
+            than ``input_ids``.
 
     Example:
-        >>> ids = torch.tensor([[5, 151656, 7, 151656, 6]])  # 2 frames separated by a timestamp
+        >>> ids = torch.tensor([[5, 151656, 7, 151656, 6]])  # 2 patches separated by a timestamp
         >>> pos, _ = get_rope_index_3(2, ids, video_grid_thw=torch.tensor([[2, 2, 2]]))
         >>> pos[:, 0].tolist()
         [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
     """
     if video_grid_thw is not None:
-        video_grid_thw = torch.as_tensor(video_grid_thw)
-        video_grid_thw = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)  # (frames, 3)
+        video_grid_thw = torch.as_tensor(video_grid_thw).reshape(-1, 3)
+        video_grid_thw = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)  # (patches, 3)
         video_grid_thw[:, 0] = 1
-    return get_rope_index_2(
+    if mm_token_type_ids is not None and mm_token_type_ids.shape != input_ids.shape:
+        raise ValueError(
+            f"mm_token_type_ids should have the shape of input_ids {tuple(input_ids.shape)} "
+            f"but found {tuple(mm_token_type_ids.shape)}"
+        )
+
+    def temporal_index(modality: int, t: int, video_idx: int) -> tuple[int, ...]:
+        return tuple(range(t))
+
+    return _get_rope_index(
         spatial_merge_size,
         input_ids,
         image_grid_thw,
         video_grid_thw,
-        attention_mask=attention_mask,
+        attention_mask,
+        temporal_index,
         image_token_id=image_token_id,
         video_token_id=video_token_id,
+        token_types=mm_token_type_ids,
+        resume_after_spatial=True,
     )
 
 
@@ -260,7 +285,10 @@ def _block_offsets(t_index: tuple[int, ...], grid_h: int, grid_w: int, device: t
 
 
 def _count_blocks(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_id: int) -> int:
-    """Number of maximal runs of ``token_id`` over the real tokens of all samples (error path only)."""
+    """Number of maximal runs of ``token_id`` over the real tokens of all samples (error path only).
+
+    ``input_ids`` may also be token types (0 text, 1 image, 2 video) with ``token_id`` 1 or 2.
+    """
     count = 0
     for b in range(input_ids.shape[0]):
         ids = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
@@ -279,7 +307,16 @@ def _get_rope_index(
     *,
     image_token_id: int,
     video_token_id: int,
+    token_types: torch.Tensor | None = None,
+    resume_after_spatial: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared body of the ``get_rope_index_*`` variants.
+
+    ``token_types`` (batch, seq) 0 text / 1 image / 2 video, when given, marks the vision tokens
+    instead of the pad ids. ``resume_after_spatial`` selects the Qwen3-VL rule: text after a
+    block starting at ``s`` resumes at ``s + max(grid_h, grid_w)`` and the delta is the real
+    maximum + 1 - n; otherwise text resumes after the largest index used.
+    """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids should be (batch, seq) but found shape {tuple(input_ids.shape)}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -295,7 +332,10 @@ def _get_rope_index(
 
     def mismatch(modality: int) -> ValueError:
         name = _NAMES[modality]
-        found = _count_blocks(input_ids, attention_mask, token_ids[modality])
+        if token_types is None:
+            found = _count_blocks(input_ids, attention_mask, token_ids[modality])
+        else:
+            found = _count_blocks(token_types, attention_mask, modality)
         return ValueError(
             f"expected one {name} block (a run of {name} pad tokens, id {token_ids[modality]}) per row "
             f"of {name}_grid_thw, i.e. {len(grids[modality])} blocks, but found {found} in input_ids"
@@ -313,7 +353,11 @@ def _get_rope_index(
             ids = ids[keep]  # (n,)
         n = ids.shape[0]
         # 0 text, 1 image pad, 2 video pad
-        modality = (ids == image_token_id).to(torch.int8) + (ids == video_token_id).to(torch.int8) * 2  # (n,)
+        if token_types is None:
+            modality = (ids == image_token_id).to(torch.int8) + (ids == video_token_id).to(torch.int8) * 2  # (n,)
+        else:
+            modality = token_types[b] if keep is None else token_types[b][keep]
+            modality = modality.to(torch.int8)  # (n,)
         run_modality, run_length = torch.unique_consecutive(modality, return_counts=True)
 
         # Per vision block: where it ends, how far the position jumps past it, and its
@@ -339,9 +383,12 @@ def _get_rope_index(
                         f"but found {length}"
                     )
                 t_index = temporal_index(kind, t, k)
-                largest = max(max(t_index), grid_h - 1, grid_w - 1)  # relative to the block start
+                if resume_after_spatial:
+                    advance = max(grid_h, grid_w)  # Qwen3-VL: the temporal row does not move text on
+                else:
+                    advance = max(max(t_index), grid_h - 1, grid_w - 1) + 1  # largest index used + 1
                 block_ends.append(start + length)
-                block_jumps.append(largest + 1 - length)
+                block_jumps.append(advance - length)
                 block_offsets.append(_block_offsets(t_index, grid_h, grid_w, device))
             start += length
 
@@ -360,8 +407,11 @@ def _get_rope_index(
             out.index_add_(1, vision, torch.cat(block_offsets, dim=1))
         if keep is not None:
             position_ids[:, b, keep] = out
-        # max position + 1 - n: every block moves the next position on by its jump.
-        deltas.append(sum(block_jumps))
+        if resume_after_spatial and n:
+            deltas.append(int(out.max()) + 1 - n)  # a block's temporal row may reach past its advance
+        else:
+            # max position + 1 - n: every block moves the next position on by its jump.
+            deltas.append(sum(block_jumps))
 
     for kind in (_IMAGE, _VIDEO):
         if used[kind] != len(grids[kind]):

@@ -147,6 +147,11 @@ class TrainingArguments(transformers.TrainingArguments):
                                                                  "vision blocks never are)."})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "LR of the merger (None: learning_rate)."})
     vision_tower_lr: float | None = field(default=None, metadata={"help": "LR of the vision tower (None: learning_rate)."})
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "MoE models (Qwen3-VL-30B-A3B): weight of the router load-balancing loss added to the "
+                          "loss (None: the checkpoint's value, 0.001 for the released ones). Dense models ignore it."},
+    )
     lora_enable: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM (train/lora.py)."})
     lora_r: int = field(default=64)
     lora_alpha: int = field(default=128)

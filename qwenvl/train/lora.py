@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qwenvl.models.loading import load_image_processor, model_class_for
 from qwenvl.train.trainer import LLM, PROJECTOR, VISION_TOWER, classify_parameter
 
 logger = logging.getLogger(__name__)
@@ -240,8 +241,6 @@ def load_finetuned(
     """
     from transformers import AutoConfig
 
-    from qwenvl.train.train_qwen import model_class_for
-
     if not is_lora_folder(path):
         config = AutoConfig.from_pretrained(path)
         model = model_class_for(config).from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
@@ -283,8 +282,6 @@ def merge_lora(
         ValueError: ``adapter_dir`` holds no adapter.
     """
     from transformers import AutoTokenizer
-
-    from qwenvl.train.train_qwen import load_image_processor
 
     if not is_lora_folder(adapter_dir):
         raise ValueError(f"{adapter_dir} holds no {ADAPTER_CONFIG}: not a LoRA output folder")

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from qwenvl.data import data_list, load_registry_file
+from qwenvl.models import FAMILIES
 from qwenvl.train.argument import ConfigError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 # --report_to integration -> (importable module(s) that satisfy it, what to install)
 INTEGRATION_PACKAGES = {

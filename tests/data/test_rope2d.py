@@ -377,3 +377,50 @@ def test_mask_shape_mismatch():
 
 def test_docstring_examples():
     assert doctest.testmod(rope2d).failed == 0
+
+
+# ---------------------------------------------------------------- Qwen3-VL (issue 11)
+
+
+def test_qwen3_accepts_the_keyword_arguments_the_dataset_passes():
+    # Called as LazySupervisedDataset calls every variant; this used to raise
+    # "get_rope_index_3() got an unexpected keyword argument 'tokens_per_second'".
+    samples, video_grids = split_frames([[3, ("image", (1, 6, 4)), 2, ("video", (3, 6, 8), 1.0), 1]])
+    sequences, images, _, _ = build(samples)
+    ids = torch.tensor(sequences)
+    pos, delta = get_rope_index_3(
+        MERGE, ids, image_grid_thw=as_grid(images), video_grid_thw=as_grid(video_grids), second_per_grid_ts=[1.0],
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START, tokens_per_second=2,
+    )
+    expected, expected_delta = oracle_positions("3", ids, as_grid(images), as_grid(video_grids))
+    assert torch.equal(pos, expected) and torch.equal(delta, expected_delta)
+
+
+def test_qwen3_blocks_from_mm_token_type_ids():
+    # Token types mark the blocks as the model's own rule does, whatever the pad ids are.
+    samples, video_grids = split_frames([[2, ("video", (2, 4, 6), 1.0), 3, ("image", (1, 4, 4))], [5, ("image", (1, 8, 4))]])
+    sequences, images, _, _ = build(samples)
+    ids, mask = pad(sequences, "left")
+    types = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+    other = ids.masked_fill(types > 0, 7)  # pads of a tokenizer whose ids differ, given only by the types
+    pos, delta = get_rope_index_3(MERGE, other, as_grid(images), as_grid(video_grids), None, mask,
+                                  mm_token_type_ids=types, image_token_id=-1, video_token_id=-1)
+    expected, expected_delta = oracle("3")(ids, types, image_grid_thw=as_grid(images),
+                                           video_grid_thw=as_grid(video_grids), attention_mask=mask)
+    real = mask.bool()
+    assert torch.equal(pos[:, real], expected[:, real]) and torch.equal(delta, expected_delta)
+    with pytest.raises(ValueError, match=r"mm_token_type_ids should have the shape of input_ids \(2, \d+\)"):
+        get_rope_index_3(MERGE, other, as_grid(images), as_grid(video_grids), mm_token_type_ids=types[:, 1:])
+    with pytest.raises(ValueError, match=r"image_grid_thw, i\.e\. 1 blocks, but found 2"):
+        get_rope_index_3(MERGE, other, as_grid(images)[:1], as_grid(video_grids), None, mask, mm_token_type_ids=types)
+
+
+@pytest.mark.parametrize("grid", [(3, 2, 2), (5, 4, 2), (1, 2, 8)])
+def test_qwen3_text_resumes_after_the_spatial_span(grid):
+    # Qwen3-VL moves text on by max(h, w) / merge after a block, even when its temporal rows reach
+    # further (a grid with t > 1 and a small frame); the delta is still the real maximum + 1 - n.
+    sequences, images, _, _ = build([[2, ("image", grid), 3]])
+    ids = torch.tensor(sequences)
+    pos, delta = get_rope_index_3(MERGE, ids, image_grid_thw=as_grid(images))
+    expected, expected_delta = oracle_positions("3", ids, as_grid(images), None)
+    assert torch.equal(pos, expected) and torch.equal(delta, expected_delta)

