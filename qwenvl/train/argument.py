@@ -157,8 +157,10 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_alpha: int = field(default=128)
     lora_dropout: float = field(default=0.05)
     lora_target_modules: str = field(
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        metadata={"help": "LLM linear layers that get adapters (comma-separated short names) or all-linear."},
+        default="auto",
+        metadata={"help": "LLM linear layers that get adapters: comma-separated short names (q_proj,v_proj), "
+                          "all-linear, or auto: the model family's default (every attention and MLP projection; "
+                          "attention only for MoE models, whose experts are fused tensors)."},
     )
     use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
     use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale adapters by lora_alpha / sqrt(r)."})

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qwenvl.models import family_for
 from qwenvl.models.loading import load_image_processor, model_class_for
 from qwenvl.train.trainer import LLM, PROJECTOR, VISION_TOWER, classify_parameter
 
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 ALL_LINEAR = "all-linear"
+AUTO = "auto"  # the family's default targets (qwenvl/models: ModelFamily.lora_targets)
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -45,7 +47,7 @@ def llm_linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def lora_target_regex(model: nn.Module, target_modules: str = DEFAULT_LORA_TARGETS) -> str:
+def lora_target_regex(model: nn.Module, target_modules: str = AUTO) -> str:
     """peft ``target_modules`` regex for the LLM linear layers named by ``--lora_target_modules``.
 
     The vision tower has layers with the same short names (Qwen2.5-VL's vision
@@ -54,7 +56,8 @@ def lora_target_regex(model: nn.Module, target_modules: str = DEFAULT_LORA_TARGE
 
     Args:
         model: the (unwrapped) Qwen-VL model.
-        target_modules: comma-separated short names (``q_proj,v_proj``) or ``all-linear``.
+        target_modules: comma-separated short names (``q_proj,v_proj``), ``all-linear``, or ``auto`` (the
+            family's default, ``family_targets``).
 
     Returns:
         a regex that peft full-matches against module names.
@@ -69,6 +72,8 @@ def lora_target_regex(model: nn.Module, target_modules: str = DEFAULT_LORA_TARGE
         [True, False]
     """
     available = sorted({name.split(".")[-1] for name in llm_linear_layers(model)})
+    if target_modules.strip() == AUTO:
+        target_modules = ",".join(family_targets(model))
     if target_modules.strip() == ALL_LINEAR:
         wanted = available
     else:
@@ -81,6 +86,16 @@ def lora_target_regex(model: nn.Module, target_modules: str = DEFAULT_LORA_TARGE
             )
     leaves = "|".join(re.escape(t) for t in wanted)
     return rf"^(?!(?:.*\.)?visual\.)(?:.*\.)?(?:{leaves})$"
+
+
+def family_targets(model: nn.Module) -> tuple[str, ...]:
+    """``--lora_target_modules auto``: the default targets of the model's family (all projections of a dense
+    LLM; attention only for MoE, whose experts are fused parameters, not linear layers)."""
+    config = getattr(model, "config", None)
+    try:
+        return family_for(config).lora_targets
+    except ValueError:  # not a Qwen-VL config (e.g. a test model): every projection
+        return tuple(DEFAULT_LORA_TARGETS.split(","))
 
 
 def modules_to_save(model: nn.Module, tune_mm_mlp: bool, tune_mm_vision: bool) -> list[str]:
