@@ -20,6 +20,9 @@ DEEPSPEED=${DEEPSPEED:-scripts/zero3.json}
 BATCH=${BATCH:-4}           # per device
 ACCUM=${ACCUM:-4}           # gradient accumulation steps
 RUN_NAME=${RUN_NAME:-qwen2_5vl_3b_sft}
+MAX_PIXELS=${MAX_PIXELS:-50176}   # pixels per image (Qwen2.5-VL: 28x28 per LLM token; Qwen3-VL: 32x32)
+MIN_PIXELS=${MIN_PIXELS:-784}
+LR=${LR:-2e-7} MM_LR=${MM_LR:-1e-5} VISION_LR=${VISION_LR:-1e-6}
 OUTPUT=${OUTPUT:-./checkpoints/$RUN_NAME}
 
 "$PY" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" \
@@ -34,11 +37,11 @@ OUTPUT=${OUTPUT:-./checkpoints/$RUN_NAME}
     --output_dir "$OUTPUT" \
     --num_train_epochs 1 \
     --per_device_train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" \
-    --max_pixels 50176 --min_pixels 784 \
-    --learning_rate 2e-7 --mm_projector_lr 1e-5 --vision_tower_lr 1e-6 \
+    --max_pixels "$MAX_PIXELS" --min_pixels "$MIN_PIXELS" \
+    --learning_rate "$LR" --mm_projector_lr "$MM_LR" --vision_tower_lr "$VISION_LR" \
     --weight_decay 0 --warmup_ratio 0.03 --max_grad_norm 1 --lr_scheduler_type cosine \
     --model_max_length 8192 \
     --eval_strategy no --save_strategy steps --save_steps 1000 --save_total_limit 1 \
-    --logging_steps 1 --gradient_checkpointing True \
+    --logging_steps 1 --activation_checkpointing True \
     --dataloader_num_workers 4 \
     --report_to wandb --run_name "$RUN_NAME" "$@"

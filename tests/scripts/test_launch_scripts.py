@@ -58,6 +58,17 @@ def test_full_fine_tuning_scripts(script, model, deepspeed, batch, accum, tmp_pa
     assert args.warmup_ratio == 0.03 and args.seed == 7  # extra flags are appended
 
 
+@pytest.mark.parametrize("script,model,deepspeed,pixels,extra", [
+    ("sft_qwen3_8b.sh", "Qwen/Qwen3-VL-8B-Instruct", "scripts/zero3.json", 576 * 32 * 32, None),
+    ("sft_qwen3_30b_a3b.sh", "Qwen/Qwen3-VL-30B-A3B-Instruct", "scripts/zero2.json", 576 * 32 * 32, 0.001),
+])
+def test_qwen3_scripts(script, model, deepspeed, pixels, extra, tmp_path):
+    args = training_flags(launch(script, tmp_path))
+    assert (args.model_name_or_path, args.deepspeed, args.max_pixels) == (model, deepspeed, pixels)
+    assert args.min_pixels == 16 * 32 * 32 and args.learning_rate == 1e-5 and args.seed == 7
+    assert args.router_aux_loss_coef == extra
+
+
 @pytest.mark.parametrize("script", ["sft_lora.sh", "sft_fsdp.sh"])
 def test_other_gpu_scripts_use_known_flags(script, tmp_path):
     args = training_flags(launch(script, tmp_path))
