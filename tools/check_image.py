@@ -23,6 +23,11 @@ would split an image (``over_length``) and samples with no answer token left (``
 pass the flags you train with and the tool reports exactly what ``--bad_sample_policy skip``
 would skip.
 
+A sample whose check raises an exception no check expected is reported as that sample's
+``unexpected_error`` (with the exception's type and message) and checking goes on.
+``--bad_sample_policy error`` stops at the first input with a problem and names its first bad
+sample (file, index, cause) on stderr.
+
 Exit status: 0 when every sample is valid, 1 when any problem was found (for CI pipelines),
 2 on usage errors.
 """
@@ -45,7 +50,16 @@ if str(_REPO_ROOT) not in sys.path:  # `python tools/check_image.py` from a chec
 from qwenvl.data.data_qwen import Problem, SampleRef, load_annotations, sample_indices  # noqa: E402
 from qwenvl.data.validation import SampleValidator, summarize  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
-from tools.common import Source, add_media_flags, media_data_args, output_stem, resolve_input, write_json_atomic  # noqa: E402
+from tools.common import (  # noqa: E402
+    Source,
+    add_media_flags,
+    add_policy_flag,
+    check_distinct_inputs,
+    media_data_args,
+    output_stem,
+    resolve_input,
+    write_json_atomic,
+)
 
 CHUNK = 32  # samples per task sent to a worker
 SHOWN_PROBLEMS = 20  # problems printed per input; the problems file has them all
@@ -74,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="processes that decode media (default 1)")
     parser.add_argument("--io_retries", type=int, default=3, help="retries of transient I/O errors per sample")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_policy_flag(parser, "checks every sample and reports all problems")
     add_media_flags(parser)
     return parser
 
@@ -98,8 +113,10 @@ def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[Che
     source with ``error`` set; a JSONL line that does not parse is a ``bad_json`` sample.
 
     Raises:
-        ValueError: an input that is neither a registered name nor a file path, or a bad ``%N``.
+        ValueError: an input that is neither a registered name nor a file path, a bad ``%N``, or an
+            input given twice.
     """
+    check_distinct_inputs(list(inputs))
     sources = []
     for spec in inputs:
         name, rate, annotation_path, source_data_path = resolve_input(spec, data_path)
@@ -258,8 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         validator = load_validator(args)
     except ValueError as exc:
         parser.error(str(exc))
-    results = [check_source(source, validator, max(1, args.workers), args.output_dir, not args.no_progress)
-               for source in sources]
+    results = []
+    for source in sources:
+        result = check_source(source, validator, max(1, args.workers), args.output_dir, not args.no_progress)
+        results.append(result)
+        if args.bad_sample_policy == "error" and (source.error or result.problems):
+            first = source.error or f"[{result.problems[0].kind}] {result.problems[0].message}"
+            print(f"error: {first} (--bad_sample_policy error: stopped at the first input with a problem; "
+                  f"{len(result.problems)} problem(s) in {result.problems_path})", file=sys.stderr)
+            return 1
 
     print(format_table(results))
     if validator.encoder is None:

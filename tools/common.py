@@ -81,6 +81,34 @@ def resolve_input(spec: str, data_path: str) -> tuple[str, float, str, str]:
     )
 
 
+def check_distinct_inputs(specs: list[str]) -> None:
+    """Refuse an input named twice (``a a`` or ``a%50 a%50``): its samples would be checked or packed twice.
+
+    Raises:
+        ValueError: naming the input given twice.
+
+    Example:
+        >>> check_distinct_inputs(["demo_video", "demo_video%50"])
+        Traceback (most recent call last):
+        ValueError: input 'demo_video' is given twice ('demo_video' and 'demo_video%50'): its samples would be counted twice; name it once
+    """
+    seen: dict[str, str] = {}
+    for spec in specs:
+        name, _ = parse_sampling_rate(spec)
+        key = os.path.abspath(name) if looks_like_file(name) else name
+        if key in seen:
+            raise ValueError(f"input {name!r} is given twice ({seen[key]!r} and {spec!r}): its samples would be "
+                             f"counted twice; name it once")
+        seen[key] = spec
+
+
+def add_policy_flag(parser: argparse.ArgumentParser, skip_help: str) -> None:
+    """``--bad_sample_policy`` with training's choices and default (skip)."""
+    parser.add_argument("--bad_sample_policy", choices=("skip", "error"), default="skip",
+                        help=f"as in training: 'skip' (default) {skip_help}; 'error' stops at the first bad sample "
+                             f"(lowest index of the first input that has one) naming its file, index and cause")
+
+
 def output_stem(annotation_path: str, sampling_rate: float) -> str:
     """``train.json`` -> ``train``; with ``%50`` -> ``train_50pct``."""
     stem = Path(annotation_path).name.removesuffix(".jsonl").removesuffix(".json")
@@ -88,9 +116,19 @@ def output_stem(annotation_path: str, sampling_rate: float) -> str:
 
 
 def write_json_atomic(path: Path, payload: Any, indent: int | None = None) -> None:
-    """Write JSON through a temporary file, so a killed run never leaves half a file."""
+    """Write JSON through a temporary file, so a killed run never leaves half a file.
+
+    Text is written as UTF-8; a string that UTF-8 cannot hold (an unpaired surrogate read
+    from a ``"\\ud800"`` escape) makes the whole file fall back to ``\\u`` escapes, which
+    round-trip, instead of failing.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, ensure_ascii=False, indent=indent)
+    try:
+        text = json.dumps(payload, ensure_ascii=False, indent=indent)
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        data = json.dumps(payload, ensure_ascii=True, indent=indent).encode("ascii")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
     os.replace(tmp, path)

@@ -11,22 +11,26 @@ Inputs and outputs:
     seeded N percent that ``--dataset_use name%N --seed S`` trains on) or an annotation file (a path
     ending in .json/.jsonl, or containing a path separator; ``file.json%N`` works too), whose media
     paths are relative to ``--data_path``. By default each input is packed on its own, next to its
-    annotation file: ``train.json`` -> ``train_pack.json`` (``train_50pct_pack.json`` for ``%50``).
-    ``--output FILE`` packs all inputs together into FILE instead (their media must share one
-    data_path). Counts are cached per annotation file in ``train_count.json`` (next to it, or in
-    ``--cache_dir``), keyed by the annotation's content, data_path, the tokenizer (sha256 of its full
+    annotation file (or in ``--output_dir``): ``train.json`` -> ``train_pack.json``
+    (``train_50pct_pack.json`` for ``%50``). ``--output FILE`` packs all inputs together into FILE
+    instead (their media must share one data_path). Counts are cached per annotation file in
+    ``train_count.json`` (next to it, in ``--output_dir``, or in ``--cache_dir``), keyed by the annotation's content, data_path, the tokenizer (sha256 of its full
     serialisation and the chat special ids), pixel/frame flags, model_max_length and the source of
     the counting code: any change recounts, nothing stale is reused. Media files edited in place
     are not detected; pass ``--recount`` then.
 
-Train on the result: register it like any dataset, with the source's data_path, e.g.
-    DEMO_PACK = {"annotation_path": "demo/single_image_pack.json", "data_path": "demo"}
-then ``--data_packing True --dataset_use demo_pack`` (the tool prints the entry to paste).
+Train on the result: ``--registry_file my_registry.yaml`` (or ``.json``) adds or updates its entry
+there, named after the output file, e.g.
+    single_image_pack: {annotation_path: /abs/demo/single_image_pack.json, data_path: /abs/demo}
+then train with ``--dataset_registry my_registry.yaml --data_packing True --dataset_use
+single_image_pack``. Without ``--registry_file`` the tool prints that entry and the flags.
 
 Counts are exact: ``count == len(LazySupervisedDataset(...)[i]["input_ids"])`` for the same flags
 (see ``qwenvl/data/token_count.py``); image sizes come from file headers, videos from container
 metadata, nothing is decoded. Samples the dataset would reject (missing media, tag mismatches, a
-``model_max_length`` cut through an image) are left out and listed. Pass the ``--model_max_length``
+``model_max_length`` cut through an image, a video whose header promises frames the file does not
+hold) are left out and listed; so is a sample whose counting raised an unexpected error
+(``unexpected_error``, with the exception), and counting goes on. Pass the ``--model_max_length``
 you train with; samples longer than ``--pack_length`` get a group of their own (``--oversize keep``)
 or are left out (``--oversize drop``), and are always reported.
 """
@@ -52,11 +56,22 @@ if str(_REPO_ROOT) not in sys.path:  # `python tools/pack_data.py` from a checko
 
 from qwenvl.data.data_qwen import load_annotations, sample_images, sample_indices, sample_videos  # noqa: E402
 from qwenvl.data.token_count import TokenCount, TokenCounter  # noqa: E402
+from qwenvl.data.validation import unexpected_reason  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
-from tools.common import Source, add_media_flags, media_data_args, output_stem, resolve_input, write_json_atomic  # noqa: E402
+from tools.common import (  # noqa: E402
+    Source,
+    add_media_flags,
+    add_policy_flag,
+    check_distinct_inputs,
+    media_data_args,
+    output_stem,
+    resolve_input,
+    write_json_atomic,
+)
 
 CACHE_FORMAT = "qwenvl-token-counts"
 CHUNK = 64  # samples per task sent to a worker
+UNEXPECTED = "unexpected_error"  # kind of a sample whose counting raised an exception no check expected
 
 
 # ------------------------------------------------------------------- command line
@@ -83,14 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default=None,
                         help="write ONE packed file holding all inputs (default: one *_pack.json per input, next "
                              "to its annotation file)")
+    parser.add_argument("--output_dir", default=None,
+                        help="folder for the *_pack.json outputs (and the count caches unless --cache_dir is "
+                             "given); default: next to each annotation file")
+    parser.add_argument("--registry_file", default=None,
+                        help="a dataset registry file (.yaml/.yml or .json) to add or update each packed output's "
+                             "entry in; train with --dataset_registry FILE. Default: print the entry")
     parser.add_argument("--cache_dir", default=None,
-                        help="where the *_count.json caches go (default: next to each annotation file)")
+                        help="where the *_count.json caches go (default: --output_dir, else next to each "
+                             "annotation file)")
     parser.add_argument("--recount", action="store_true", help="ignore cached counts (they are still rewritten)")
     parser.add_argument("--workers", type=int, default=1, help="counting processes (default 1)")
     parser.add_argument("--seed", type=int, default=42,
                         help="training's --seed: picks the name%%N subsets (default 42)")
     parser.add_argument("--show_problems", type=int, default=20,
                         help="list at most this many left-out samples per output (default 20; all are counted)")
+    add_policy_flag(parser, "leaves bad samples out of the packs and lists them")
     add_media_flags(parser)
     return parser
 
@@ -106,9 +129,10 @@ class PackedSource(Source):
         return any(isinstance(r, dict) and (sample_images(r) or sample_videos(r))
                    for r in (self.records[i] for i in self.indices))
 
-    def default_output(self) -> Path:
-        """``<stem>_pack.json`` (or ``<stem>_{N}pct_pack.json``) next to the annotation file."""
-        return Path(self.annotation_path).with_name(f"{output_stem(self.annotation_path, self.sampling_rate)}_pack.json")
+    def default_output(self, output_dir: str | None = None) -> Path:
+        """``<stem>_pack.json`` (or ``<stem>_{N}pct_pack.json``) in ``output_dir``, else next to the annotation file."""
+        folder = Path(output_dir) if output_dir else Path(self.annotation_path).parent
+        return folder / f"{output_stem(self.annotation_path, self.sampling_rate)}_pack.json"
 
 
 def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[PackedSource]:
@@ -124,8 +148,9 @@ def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[Pac
 
     Raises:
         ValueError: unknown registry name (the message lists the registered ones), a missing or
-            malformed annotation file, or a bad ``%N``.
+            malformed annotation file, a bad ``%N``, or an input given twice.
     """
+    check_distinct_inputs(list(inputs))
     sources = []
     for spec in inputs:
         name, rate, annotation_path, source_data_path = resolve_input(spec, data_path)
@@ -192,11 +217,15 @@ def _init_worker(counter: TokenCounter) -> None:
 
 
 def count_one(counter: TokenCounter, index: int, record: Any, data_path: str, where: str) -> TokenCount:
-    """``counter.count``; an unexpected failure (a bug, not a bad sample) names the sample."""
+    """``counter.count``; any exception no check expected is this sample's ``unexpected_error``.
+
+    One odd sample must not stop a pack of millions: it is left out and listed with the
+    exception's type and message (never cached, so a fixed bug recounts it).
+    """
     try:
         return counter.count(record, data_path, where, index)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the sample's location
-        raise RuntimeError(f"{where}:{index}: counting failed: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - reported as the sample's problem
+        return TokenCount(0, 0, UNEXPECTED, unexpected_reason(exc))
 
 
 def _count_chunk(chunk: list[tuple[int, Any, str, str]]) -> list[tuple[int, list]]:
@@ -250,8 +279,9 @@ def counts_for(
             write_json_atomic(cache_path, {
                 "format": CACHE_FORMAT, "key": key, "annotation_path": os.path.abspath(source.annotation_path),
                 "data_path": source.data_path, "settings": settings,
-                # a transient I/O failure is not remembered: the next run counts that sample again
-                "counts": [c.to_json() if c is not None and c.kind != "io_error" else None for c in counts],
+                # a transient I/O failure or an unexpected error is not remembered: the next run counts again
+                "counts": [c.to_json() if c is not None and c.kind not in ("io_error", UNEXPECTED) else None
+                           for c in counts],
             })
         except OSError as exc:
             print(f"warning: cannot write the count cache {cache_path} ({exc}); pass --cache_dir to keep counts",
@@ -396,12 +426,62 @@ def report(result: PackResult, pack_length: int, model_max_length: int, oversize
     return "\n".join(lines)
 
 
+def registry_entry(output: Path, data_path: str) -> tuple[str, dict[str, str]]:
+    """(name, entry) of a packed file for a registry file: absolute paths, named after the file.
+
+    Example:
+        >>> registry_entry(Path("/d/train_pack.json"), "/d/media")
+        ('train_pack', {'annotation_path': '/d/train_pack.json', 'data_path': '/d/media'})
+    """
+    return output.name.removesuffix(".json"), {
+        "annotation_path": str(output.resolve()),
+        "data_path": str(Path(data_path).resolve()) if data_path else "",
+    }
+
+
+def _registry_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return "json"
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    raise ValueError(f"--registry_file should end in .yaml, .yml or .json but found {path.name!r}")
+
+
+def update_registry_file(path: Path, entries: dict[str, dict[str, str]]) -> None:
+    """Add or replace ``entries`` (name -> entry) in a registry file, keeping its other entries.
+
+    Raises:
+        ValueError: the file exists but is not a mapping of names to entries, or has an unknown suffix.
+    """
+    import yaml
+
+    fmt = _registry_format(path)
+    current: Any = {}
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        current = (json.loads(text) if fmt == "json" else yaml.safe_load(text)) if text.strip() else {}
+        if not isinstance(current, dict):
+            raise ValueError(f"{path}: a registry file maps dataset names to entries, found "
+                             f"{type(current).__name__}")
+    current.update(entries)
+    if fmt == "json":
+        write_json_atomic(path, current, indent=2)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(current, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def registry_snippet(output: Path, data_path: str) -> str:
-    """The entry to paste into qwenvl/data/__init__.py for a packed file."""
-    name = output.name.removesuffix(".json")
-    return (f"  register in qwenvl/data/__init__.py:  data_dict[{name!r}] = "
-            f"{{'annotation_path': {str(output.resolve())!r}, 'data_path': {data_path!r}}}\n"
-            f"  then train with: --data_packing True --dataset_use {name}")
+    """How to train on a packed file when no ``--registry_file`` was given: the entry and the flags."""
+    import yaml
+
+    name, entry = registry_entry(output, data_path)
+    lines = yaml.safe_dump({name: entry}, sort_keys=False).rstrip("\n").split("\n")
+    return ("  registry entry (add it to a registry file, e.g. my_registry.yaml, or pass --registry_file "
+            "my_registry.yaml to have it written):\n" + "\n".join(f"    {line}" for line in lines) + "\n"
+            f"  then train with: --dataset_registry my_registry.yaml --data_packing True --dataset_use {name}")
 
 
 # --------------------------------------------------------------------------- main
@@ -418,15 +498,17 @@ def load_counter(args: argparse.Namespace) -> TokenCounter:
     return TokenCounter(tokenizer, data_args, vision_config, args.model_max_length)
 
 
-def plan_outputs(sources: list[PackedSource], output: str | None) -> list[tuple[Path, str, list[PackedSource]]]:
-    """(output file, its data_path, its sources): one per input, or all into ``--output``.
+def plan_outputs(sources: list[PackedSource], output: str | None,
+                 output_dir: str | None = None) -> list[tuple[Path, str, list[PackedSource]]]:
+    """(output file, its data_path, its sources): one per input (in ``output_dir`` when given), or all
+    into ``--output``.
 
     Raises:
         ValueError: two inputs would write the same file, or merged inputs with media
             have different data_paths (one packed file has one data_path).
     """
     if output is None:
-        plans = [(s.default_output(), s.data_path, [s]) for s in sources]
+        plans = [(s.default_output(output_dir), s.data_path, [s]) for s in sources]
         seen: dict[Path, str] = {}
         for path, _, (source,) in plans:
             if path.resolve() in seen:
@@ -453,12 +535,15 @@ def main(argv: list[str] | None = None) -> list[PackResult]:
         args.model_max_length = args.pack_length
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if args.registry_file:
+            _registry_format(Path(args.registry_file))
         sources = resolve_inputs(args.inputs, args.data_path, args.seed)
-        plans = plan_outputs(sources, args.output)
+        plans = plan_outputs(sources, args.output, args.output_dir)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     counter = load_counter(args)
     settings = counter.settings()
+    cache_dir = args.cache_dir or args.output_dir
 
     results = []
     for output, data_path, members in plans:
@@ -466,10 +551,17 @@ def main(argv: list[str] | None = None) -> list[PackResult]:
         for source in members:
             start = time.perf_counter()
             source_counts, source_reused, source_counted = counts_for(
-                source, counter, settings, args.cache_dir, args.recount, args.workers)
+                source, counter, settings, cache_dir, args.recount, args.workers)
             seconds += time.perf_counter() - start
             counts.append(source_counts)
             reused, counted = reused + source_reused, counted + source_counted
+        if args.bad_sample_policy == "error":
+            for source, source_counts in zip(members, counts):
+                bad = next((i for i in source.indices if not source_counts[i].ok), None)
+                if bad is not None:
+                    count = source_counts[bad]
+                    raise SystemExit(f"error: {source.annotation_path}:{bad}: [{count.kind}] {count.reason} "
+                                     f"(--bad_sample_policy error; {output} not written)")
         groups, result = pack_sources(members, output, data_path, counts, args.pack_length, args.oversize)
         result.reused, result.counted, result.count_seconds = reused, counted, seconds
         if not groups:
@@ -477,7 +569,16 @@ def main(argv: list[str] | None = None) -> list[PackResult]:
             raise SystemExit(f"error: no sample of {', '.join(result.sources)} can be packed; nothing written")
         write_json_atomic(output, groups)
         print(report(result, args.pack_length, args.model_max_length, args.oversize, args.show_problems))
-        print(registry_snippet(output, data_path))
+        if args.registry_file:
+            name, entry = registry_entry(output, data_path)
+            try:
+                update_registry_file(Path(args.registry_file), {name: entry})
+            except ValueError as exc:
+                raise SystemExit(f"error: {exc}") from None
+            print(f"  registered {name!r} in {args.registry_file}; train with: --dataset_registry "
+                  f"{args.registry_file} --data_packing True --dataset_use {name}")
+        else:
+            print(registry_snippet(output, data_path))
         results.append(result)
     return results
 

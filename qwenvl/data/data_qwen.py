@@ -25,6 +25,7 @@ from qwenvl.data.vision import (
     ImageError,
     VisionConfig,
     is_transient_io_error,
+    media_file_problem,
     num_vision_tokens,
     open_image,
     process_image,
@@ -123,8 +124,9 @@ def load_annotations(path: str, bad_lines: str = "raise") -> list[Any]:
     """
     if bad_lines not in ("raise", "keep"):
         raise ValueError(f"bad_lines should be one of 'raise' or 'keep' but found {bad_lines!r}")
-    if not os.path.exists(path):
-        raise ValueError(f"annotation file not found: {path}")
+    missing = media_file_problem(path, "annotation")
+    if missing is not None:
+        raise ValueError(missing)
     with open(path, "rb") as handle:
         data = handle.read()
     if data.startswith(b"\xef\xbb\xbf"):
@@ -235,7 +237,7 @@ def parse_conversation(sample: dict) -> Conversation:
             (``no_conversation``), a turn that is not an object, has an unknown
             role or non-string text (``bad_turn``), turns that do not alternate
             user/assistant (``bad_roles``), media tags in answers
-            (``tag_in_answer``), an empty answer (``empty_answer``), or no
+            (``tag_in_answer``) or in the system turn (``tag_in_system``), an empty answer (``empty_answer``), or no
             assistant answer at all (``no_answer``). Turn numbers count the
             turns as written, from 0.
 
@@ -265,7 +267,11 @@ def parse_conversation(sample: dict) -> Conversation:
         turns.append((number, role, text))
     system = None
     if turns[0][1] == "system":
-        system = turns.pop(0)[2]
+        number, _, system = turns.pop(0)
+        if IMAGE_TAG in system or VIDEO_TAG in system:
+            # The system prompt is never expanded into vision tokens: the tag would be trained on as text.
+            raise ConversationError(f"system turn {number} contains a media tag ({IMAGE_TAG} or {VIDEO_TAG}); "
+                                    f"put media tags in a human turn", "tag_in_system")
     while turns and turns[0][1] != "user":
         turns.pop(0)
     if not turns:
@@ -508,21 +514,33 @@ class LazySupervisedDataset(Dataset):
         Returns:
             the item; under ``skip`` a ``Problem`` for a bad sample (never another sample).
 
+        Any other exception (a bug, or an input no check foresaw) is, under ``skip``, the
+        sample's ``unexpected_error`` (type and message; the traceback is logged once), so one
+        odd sample cannot kill one rank of a distributed run; under ``error`` it propagates
+        with a note naming the file and index.
+
         Raises:
             BadSampleError: a bad sample under ``error``; an I/O error that outlived
                 the retries is kind ``io_error``.
         """
-        from qwenvl.data.validation import with_io_retries
+        from qwenvl.data.validation import unexpected_reason, with_io_retries
 
         ref = self.refs[i]
         try:
             try:
                 return with_io_retries(lambda: self.get_item(i), self.io_retries, self.io_backoff,
                                        f"{ref.annotation_path}:{ref.index}")
-            except OSError as exc:
-                if not is_transient_io_error(exc):
+            except (BadSampleError, MemoryError):
+                raise
+            except Exception as exc:
+                if isinstance(exc, OSError) and is_transient_io_error(exc):
+                    raise self.bad(i, f"I/O error after {self.io_retries + 1} attempts: {exc}", "io_error") from None
+                if self.bad_sample_policy == "error":
+                    exc.add_note(f"while loading sample {ref.annotation_path}:{ref.index}")
                     raise
-                raise self.bad(i, f"I/O error after {self.io_retries + 1} attempts: {exc}", "io_error") from None
+                if i not in self._logged_bad:
+                    logger.warning("unexpected error on %s:%s", ref.annotation_path, ref.index, exc_info=True)
+                raise self.bad(i, unexpected_reason(exc), "unexpected_error") from None
         except BadSampleError as exc:
             if self.bad_sample_policy == "error":
                 raise

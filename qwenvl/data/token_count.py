@@ -10,8 +10,11 @@
   rule ``vision.process_image`` applies to the decoded image;
 - video grids come from the container metadata (``video.probe_video``) and the
   frame rule (``video.video_grid_from_meta``), the plan ``video.load_video`` decodes.
+  The probe also demuxes (reads, never decodes) every packet, so a header that
+  promises frames the file does not hold, nonsense fps or timestamps, and a still
+  image named as a video are rejected here exactly as training rejects them.
 
-What a header cannot show (a truncated JPEG body, a video whose frames do not
+What a header cannot show (a truncated JPEG body, a video packet that does not
 decode) is counted as valid; ``tools/check_image.py`` finds such files.
 """
 
@@ -35,6 +38,7 @@ from qwenvl.data.vision import (
     image_grid_thw,
     image_size,
     is_transient_io_error,
+    media_file_problem,
     num_vision_tokens,
     resolve_path,
 )
@@ -285,9 +289,9 @@ class TokenCounter:
             from qwenvl.data.video import VideoError
 
             for number, source in enumerate(checked.videos):
-                path = resolve_path(source, data_path)
-                if not os.path.exists(path):
-                    raise SampleError("missing_media", f"video {number}: video file not found: {path}")
+                missing = media_file_problem(resolve_path(source, data_path), "video")
+                if missing is not None:
+                    raise SampleError("missing_media", f"video {number}: {missing}")
                 try:
                     video_tokens.append(num_vision_tokens(self.video_grid(source, data_path), merge))
                 except VideoError as exc:

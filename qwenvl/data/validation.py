@@ -4,23 +4,24 @@ A problem is reported as ``{annotation file}:{index}: what is wrong`` with a
 short ``kind`` label. Checks run in this order and the first failing one is
 the sample's problem, for training and the tool alike:
 
-1. record (no I/O): ``bad_json``, ``not_object``, ``unknown_key``, the
+1. record (no I/O): ``bad_json``, ``not_object``, ``invalid_unicode``, ``unknown_key``, the
    conversation kinds (``no_conversation``, ``bad_turn``, ``bad_roles``,
-   ``no_answer``, ``empty_answer``, ``tag_in_answer``), ``special_token_in_text``,
-   ``bad_media_ref``, ``tag_mismatch``;
+   ``no_answer``, ``empty_answer``, ``tag_in_answer``, ``tag_in_system``),
+   ``special_token_in_text``, ``bad_media_ref``, ``tag_mismatch``;
 2. media, decoded exactly as training decodes them: ``missing_media``,
    ``bad_image``, ``decompression_bomb``, ``bad_aspect_ratio``, ``too_small``,
    ``bad_video``, ``io_error`` (transient I/O errors that outlived the retries);
 3. tokens (needs the tokenizer): ``tag_mismatch``, ``over_length``, ``no_labels``.
 
-``PROBLEM_KINDS`` documents every kind.
+``PROBLEM_KINDS`` documents every kind. ``SampleValidator.validate`` reports any other
+exception raised while checking a sample as that sample's ``unexpected_error``.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from qwenvl.data.vision import (
     ImageError,
     VisionConfig,
     is_transient_io_error,
+    media_file_problem,
     num_vision_tokens,
     open_image,
     resolve_path,
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 PROBLEM_KINDS: dict[str, str] = {
     "bad_json": "a JSONL line that does not parse (or is not UTF-8)",
     "not_object": "the sample is not a JSON object",
+    "invalid_unicode": "a string holds an unpaired surrogate (a broken \\uD800-\\uDFFF escape in the JSON)",
     "unknown_key": "a key the loader ignores holds media paths (a misspelt 'image'/'video'/'conversations')",
     "no_conversation": "'conversations' is missing, empty or not a list",
     "bad_turn": "a turn is not an object, has an unknown role or a non-string value",
@@ -61,18 +64,21 @@ PROBLEM_KINDS: dict[str, str] = {
     "no_answer": "no assistant answer",
     "empty_answer": "an assistant answer is empty or whitespace",
     "tag_in_answer": "an answer contains <image> or <video>",
+    "tag_in_system": "the system turn contains <image> or <video>",
     "special_token_in_text": "a turn contains a chat-structure token such as <|im_end|> or <|image_pad|>",
     "bad_media_ref": "an image/video reference is not a non-empty string",
     "tag_mismatch": "the number of <image>/<video> tags differs from the number of images/videos",
-    "missing_media": "a media file does not exist",
+    "missing_media": "a media file does not exist (or is a broken symbolic link or a symlink loop)",
     "bad_image": "an image does not decode",
     "decompression_bomb": "an image has more pixels than vision.MAX_IMAGE_PIXELS",
     "bad_aspect_ratio": "an image's long side is more than 200 times its short side",
     "too_small": "an image leaves no 28x28 patch after resizing",
-    "bad_video": "a video does not decode (or its frames cannot be resized)",
+    "bad_video": "a video does not decode, its header promises frames the file does not hold, its fps or "
+                 "timestamps are nonsense, it is a still image, or its frames cannot be resized",
     "io_error": "transient I/O errors (EIO, ESTALE, timeouts) outlived the retries",
     "over_length": "longer than model_max_length and the cut would split a vision block",
     "no_labels": "no answer token is left to learn (after truncation)",
+    "unexpected_error": "checking the sample raised an exception no check expected (a bug or an unforeseen input)",
 }
 
 # Keys the loader reads; any other key is metadata and ignored (``id``, ``source`` ...).
@@ -94,6 +100,41 @@ class CheckedRecord:
     conversation: Conversation
     images: list[str]
     videos: list[str]
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def find_surrogate(value: Any, field: str = "") -> str | None:
+    """Where an unpaired surrogate hides in a parsed JSON value, described; None when there is none.
+
+    ``json.loads`` accepts ``"\\ud800"`` and returns a string no UTF-8 encoder (the
+    tokenizer, a log, a JSON writer) can take. Keys and values are searched.
+
+    Example:
+        >>> find_surrogate({"conversations": [{"from": "human", "value": "hi \\ud800"}]})
+        'conversations[0].value holds an unpaired surrogate \\ud800 at character 3'
+    """
+    if isinstance(value, str):
+        match = _SURROGATE.search(value)
+        if match is None:
+            return None
+        return (f"{field or 'the sample'} holds an unpaired surrogate \\u{ord(match.group()):04x} at character "
+                f"{match.start()}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{field}.{key}" if field else str(key)
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return find_surrogate(key, f"a key of {field or 'the sample'}")
+            found = find_surrogate(item, name)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for number, item in enumerate(value):
+            found = find_surrogate(item, f"{field}[{number}]")
+            if found:
+                return found
+    return None
 
 
 def _looks_like_media(value: Any) -> bool:
@@ -130,6 +171,10 @@ def check_record(record: Any, annotation_path: str, index: int) -> CheckedRecord
         raise bad(record.reason, record.kind)
     if not isinstance(record, dict):
         raise bad(f"sample is a {type(record).__name__}, expected an object", "not_object")
+    surrogate = find_surrogate(record)
+    if surrogate is not None:
+        raise bad(f"{surrogate}: not valid Unicode (a broken \\u escape in the JSON); fix the text",
+                  "invalid_unicode")
     for key, value in record.items():
         if key not in KNOWN_KEYS and _looks_like_media(value):
             guess = difflib.get_close_matches(str(key).lower(), KNOWN_KEYS, n=1, cutoff=0.4)
@@ -221,8 +266,9 @@ def load_video_checked(source: str, number: int, data_path: str, data_args: Any,
     from qwenvl.data.video import VideoError, load_video
 
     path = resolve_path(source, data_path)
-    if not os.path.exists(path):
-        raise BadSampleError(annotation_path, index, f"video {number}: video file not found: {path}", "missing_media")
+    missing = media_file_problem(path, "video")
+    if missing is not None:
+        raise BadSampleError(annotation_path, index, f"video {number}: {missing}", "missing_media")
     try:
         return load_video(source, data_path, data_args, vision_config)
     except VideoError as exc:
@@ -301,11 +347,19 @@ class SampleValidator:
                 raise BadSampleError(path, index, exc.reason, exc.kind) from None
 
     def validate(self, record: Any, ref: SampleRef) -> Problem | None:
-        """The sample's first problem, or None when training would use it."""
+        """The sample's first problem, or None when training would use it.
+
+        Any exception other than ``BadSampleError`` is this sample's ``unexpected_error``
+        (with the exception's type and message), so one odd sample never stops a check.
+        """
         try:
             self.check(record, ref)
         except BadSampleError as exc:
             return Problem.from_error(exc, ref.dataset)
+        except Exception as exc:  # noqa: BLE001 - reported as the sample's problem, see the docstring
+            logger.debug("unexpected error on %s:%s", ref.annotation_path, ref.index, exc_info=True)
+            return Problem(ref.dataset, ref.annotation_path, ref.index, "unexpected_error",
+                           unexpected_reason(exc))
         return None
 
     def _retrying(self, load: Callable[[], T], ref: SampleRef) -> T:
@@ -313,6 +367,16 @@ class SampleValidator:
             return with_io_retries(load, self.io_retries, self.io_backoff, f"{ref.annotation_path}:{ref.index}")
         except OSError as exc:
             raise io_error(exc, ref.annotation_path, ref.index, self.io_retries + 1) from None
+
+
+def unexpected_reason(exc: BaseException) -> str:
+    """The reason reported for an exception no check expected: its type and message.
+
+    Example:
+        >>> unexpected_reason(TypeError("bad input"))
+        'unexpected error: TypeError: bad input'
+    """
+    return f"unexpected error: {type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def summarize(problems: Sequence[Problem], total: int) -> dict[str, Any]:

@@ -29,7 +29,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from qwenvl.data.vision import ImageError, VisionConfig, patchify, resize_frames, resolve_path, smart_resize
+from qwenvl.data.vision import (
+    ImageError,
+    VisionConfig,
+    media_file_problem,
+    patchify,
+    resize_frames,
+    resolve_path,
+    smart_resize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,30 +146,117 @@ def video_backend(name: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------- metadata
-def _check_meta(path: str, meta: VideoMeta) -> VideoMeta:
+# A frame rate outside this range is a broken header (90000 is a timestamp clock mistaken for a rate;
+# 1/1024 a zero time scale), not a real video: sampling by duration would be meaningless.
+MIN_FPS = 0.01  # one frame per 100 s (slide shows, time lapses) is the slowest believable rate
+MAX_FPS = 1000.0  # high-speed footage is stored at its playback rate, far below this
+# The frames' timestamps may span a different time than frames / fps (variable frame rate): within
+# this factor, or within DURATION_SLACK seconds, that is normal; beyond it the metadata lies.
+DURATION_FACTOR = 2.0
+DURATION_SLACK = 1.0
+# Magic bytes of still-image formats: such a file listed under "video" is a mistake, not a 1-frame video.
+# (GIF is left out: an animated GIF is a legitimate clip.)
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
+                (b"MM\x00*", "TIFF"))
+
+
+def check_video_meta(path: str, meta: VideoMeta, timestamps_duration: float | None = None) -> VideoMeta:
+    """Refuse metadata that would make frame sampling meaningless.
+
+    Args:
+        path: the file, for messages.
+        meta: what the container says.
+        timestamps_duration: seconds the frames' timestamps span (last - first + one
+            frame), when known; compared with ``num_frames / fps``.
+
+    Returns:
+        ``meta`` unchanged.
+
+    Raises:
+        VideoError: no frames or no size; fps not finite, not positive, or outside
+            ``[MIN_FPS, MAX_FPS]``; or a duration that disagrees with frames / fps by
+            more than ``DURATION_FACTOR`` (and ``DURATION_SLACK`` seconds).
+
+    Example:
+        >>> check_video_meta("a.mp4", VideoMeta(24, 90000.0, 48, 64))
+        Traceback (most recent call last):
+        qwenvl.data.video.VideoError: broken video metadata in a.mp4: 90000 fps is outside [0.01, 1000] ...
+    """
     if meta.num_frames < 1 or not (math.isfinite(meta.fps) and meta.fps > 0) or meta.height < 1 or meta.width < 1:
         raise VideoError(
             f"broken video metadata in {path}: expected frames >= 1, fps > 0 and a non-empty frame size but found "
             f"{meta.num_frames} frames at {meta.fps} fps, {meta.width}x{meta.height}"
         )
+    if not MIN_FPS <= meta.fps <= MAX_FPS:
+        raise VideoError(
+            f"broken video metadata in {path}: {meta.fps:g} fps is outside [{MIN_FPS:g}, {MAX_FPS:g}] (a broken "
+            f"header: the frame rate is not believable); re-encode the video with its real frame rate"
+        )
+    if timestamps_duration is not None:
+        expected = meta.num_frames / meta.fps
+        low, high = sorted((expected, timestamps_duration))
+        if not math.isfinite(timestamps_duration) or (high > DURATION_FACTOR * low
+                                                       and high - low > DURATION_SLACK):
+            raise VideoError(
+                f"inconsistent video metadata in {path}: {meta.num_frames} frames at {meta.fps:g} fps last "
+                f"{expected:.3f} s but the frames' timestamps span {timestamps_duration:.3f} s; re-encode the "
+                f"video at a constant frame rate"
+            )
     return meta
 
 
+def _image_format(path: str) -> str | None:
+    """The still-image format ``path`` starts with (``"PNG"``, ``"JPEG"`` ...), or None."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _IMAGE_MAGIC if head.startswith(magic)), None)
+
+
 def _probe_pyav(path: str) -> VideoMeta:
+    """Header numbers, checked against the packets the file really holds (no frame is decoded).
+
+    Every packet is demuxed (read, not decoded): a header that promises more frames than the
+    file holds (a truncated download, an edited header), timestamps shared by several frames,
+    or timestamps that span a different time than frames / fps are refused here, before any
+    backend would silently repeat or substitute frames.
+    """
     import av
 
     with av.open(path) as container:
+        fmt = container.format.name
+        if fmt == "image2" or fmt.endswith("_pipe"):
+            raise VideoError(f"{path} is a still image ({fmt}), not a video: list it under 'image' with an <image> "
+                             f"tag")
         if not container.streams.video:
             raise VideoError(f"{path} has no video stream")
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else 0.0
-        num_frames = int(stream.frames or 0)
-        if num_frames < 1:
-            # No frame count in the header (Matroska, WebM, some AVI): count the packets, as decord does.
-            num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+        header_frames = int(stream.frames or 0)
+        pts = [packet.pts for packet in container.demux(stream) if packet.size]
+        time_base = float(stream.time_base) if stream.time_base else None
         height, width = stream.codec_context.height, stream.codec_context.width
-    return VideoMeta(num_frames, fps, int(height), int(width))
+    if not pts:
+        raise VideoError(f"{path} has no video packets")
+    # No frame count in the header (Matroska, WebM, some AVI): count the packets, as decord does.
+    meta = VideoMeta(header_frames or len(pts), fps, int(height), int(width))
+    check_video_meta(path, meta)  # a nonsense rate or size first: it is the root cause of what follows
+    if header_frames > len(pts):
+        raise VideoError(
+            f"broken video {path}: the header promises {header_frames} frames but the file holds only {len(pts)} "
+            f"(a truncated file or an edited header); its frames cannot be sampled as planned"
+        )
+    span = None
+    if None not in pts:
+        unique = len(set(pts))
+        if unique < len(pts):
+            raise VideoError(f"broken timestamps in {path}: {len(pts)} frames share {unique} timestamps, so frames "
+                             f"cannot be told apart; re-encode the video")
+        if time_base and fps > 0:
+            span = (max(pts) - min(pts)) * time_base + 1 / fps
+    return check_video_meta(path, meta, span)
 
 
 def _probe_torchcodec(path: str) -> VideoMeta:
@@ -204,8 +299,14 @@ def probe_video(path: str, data_path: str = "") -> VideoMeta:
         VideoMeta(num_frames=12, fps=12.0, height=84, width=112)
     """
     path = resolve_path(path, data_path)
-    if not os.path.isfile(path):
-        raise VideoError(f"video file not found: {path}")
+    missing = media_file_problem(path, "video")
+    if missing is not None:
+        raise VideoError(missing)
+    if os.path.isdir(path):
+        raise VideoError(f"video file {path} is a directory")
+    image_format = _image_format(path)
+    if image_format is not None:
+        raise VideoError(f"{path} is a {image_format} image, not a video: list it under 'image' with an <image> tag")
     probes = {"pyav": _probe_pyav, "torchcodec": _probe_torchcodec, "decord": _probe_decord}
     order = [name for name in ("pyav", "torchcodec", "decord") if _import_error(name) is None]
     if not order:
@@ -213,7 +314,7 @@ def probe_video(path: str, data_path: str = "") -> VideoMeta:
     errors = []
     for name in order:
         try:
-            return _check_meta(path, probes[name](path))
+            return check_video_meta(path, probes[name](path))
         except VideoError:
             raise
         except Exception as exc:  # noqa: BLE001 - decoders raise library-specific errors
@@ -329,15 +430,22 @@ def _read_decord(path: str, indices: np.ndarray) -> np.ndarray:
     import decord
 
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=DECODER_THREADS)
-    indices = np.minimum(indices, len(reader) - 1)
+    _check_in_range(path, indices, len(reader))
     return reader.get_batch(indices.tolist()).asnumpy()
+
+
+def _check_in_range(path: str, indices: np.ndarray, num_frames: int) -> None:
+    """Refuse frame numbers past the last frame the decoder has (never read the last frame instead)."""
+    if int(indices.max()) >= num_frames:
+        raise VideoError(f"{path}: frame {int(indices.max())} was planned but only {num_frames} frames decode "
+                         f"(the header promises more frames than the file holds)")
 
 
 def _read_torchcodec(path: str, indices: np.ndarray) -> np.ndarray:
     from torchcodec.decoders import VideoDecoder
 
     decoder = VideoDecoder(path, device="cpu", seek_mode="exact", num_ffmpeg_threads=DECODER_THREADS)
-    indices = np.minimum(indices, len(decoder) - 1)
+    _check_in_range(path, indices, len(decoder))
     frames = decoder.get_frames_at(indices=indices.tolist()).data  # (n, 3, H, W) uint8
     return frames.permute(0, 2, 3, 1).contiguous().numpy()
 
@@ -360,9 +468,12 @@ def _read_pyav(path: str, indices: np.ndarray) -> np.ndarray:
             return _read_pyav_in_order(container, stream, indices)
         frame_pts = sorted(pts for pts, _ in packets)
         keyframes = sorted(pts for pts, key in packets if key) or frame_pts[:1]
+        _check_in_range(path, indices, len(frame_pts))
         slots: dict[int, list[int]] = {}
+        number_of = {}
         for slot, index in enumerate(indices.tolist()):
-            slots.setdefault(frame_pts[min(index, len(frame_pts) - 1)], []).append(slot)
+            slots.setdefault(frame_pts[index], []).append(slot)
+            number_of[frame_pts[index]] = index
         out: list[np.ndarray | None] = [None] * len(indices)
         decoded, last_pts, frame = None, None, None
         for target in sorted(slots):
@@ -370,13 +481,18 @@ def _read_pyav(path: str, indices: np.ndarray) -> np.ndarray:
             if decoded is None or last_pts is None or target <= last_pts or keyframe > last_pts:
                 container.seek(keyframe, stream=stream, backward=True)
                 decoded = container.decode(stream)
-            # The first frame at or after `target`; if the stream ends first, the last frame decoded.
+            # Decode up to the frame whose pts is `target`; any other frame in its place (the stream
+            # ended first, or that frame was lost) would be a silent substitute: refuse it.
             for frame in decoded:
                 last_pts = frame.pts
                 if frame.pts is not None and frame.pts >= target:
                     break
             if frame is None:
                 raise VideoError(f"{path}: no frame decodes")
+            if frame.pts != target:
+                found = "the stream ended before it" if frame.pts is None or frame.pts < target else \
+                    f"the decoder went on to pts {frame.pts}"
+                raise VideoError(f"{path}: frame {number_of[target]} (pts {target}) does not decode ({found})")
             array = frame.to_ndarray(format="rgb24")
             for slot in slots[target]:
                 out[slot] = array
@@ -397,8 +513,10 @@ def _read_pyav_in_order(container: Any, stream: Any, indices: np.ndarray) -> np.
             break
     if last is None:
         raise VideoError("no frame decodes")
-    fallback = frames[max(frames)] if frames else last.to_ndarray(format="rgb24")
-    return np.stack([frames.get(i, fallback) for i in indices.tolist()])
+    lost = [i for i in indices.tolist() if i not in frames]
+    if lost:
+        raise VideoError(f"frame {lost[0]} was planned but only {number + 1} frames decode")
+    return np.stack([frames[i] for i in indices.tolist()])
 
 
 _READERS = {"decord": _read_decord, "pyav": _read_pyav, "torchcodec": _read_torchcodec}
@@ -407,8 +525,8 @@ _READERS = {"decord": _read_decord, "pyav": _read_pyav, "torchcodec": _read_torc
 def read_frames(path: str, indices: Sequence[int] | np.ndarray, backend: str | None = None) -> np.ndarray:
     """Decode the frames at ``indices`` (0-based, presentation order) as uint8 RGB.
 
-    Indices past the last frame read the last frame (a header that over-counts
-    frames then still gives the planned number of frames).
+    Every index must decode to its own frame: an index past the last frame, or a
+    frame that does not decode, is an error (never the last frame read twice).
 
     Args:
         path: video file.
@@ -426,8 +544,9 @@ def read_frames(path: str, indices: Sequence[int] | np.ndarray, backend: str | N
         >>> read_frames("demo/videos/red_square.mp4", [0, 11]).shape
         (2, 84, 112, 3)
     """
-    if not os.path.isfile(path):
-        raise VideoError(f"video file not found: {path}")
+    missing = media_file_problem(path, "video")
+    if missing is not None:
+        raise VideoError(missing)
     indices = np.asarray(indices, dtype=np.int64)
     if indices.ndim != 1 or not len(indices) or indices.min() < 0:
         raise ValueError(f"indices should be a non-empty list of frame numbers >= 0 but found {indices.tolist()}")

@@ -239,10 +239,117 @@ def _check_pixel_count(width: int, height: int, where: str) -> None:
         )
 
 
-def _describe(exc: BaseException) -> str:
-    # PIL's "cannot identify image file <_io.BytesIO object at 0x...>" names no file and changes every run.
+def media_file_problem(path: str, what: str = "image") -> str | None:
+    """Why ``path`` cannot be opened as a media file, or None when it can be stat'ed.
+
+    Tells a missing file from a dangling symbolic link and from a symlink loop
+    (``os.path.exists`` says False for all three).
+
+    Args:
+        path: the resolved file path.
+        what: ``"image"`` or ``"video"``, for the message.
+
+    Returns:
+        None, or e.g. ``"image file not found: /data/a.jpg"``,
+        ``"image file /data/a.jpg is a symlink loop (too many levels of symbolic links)"``,
+        ``"image file /data/a.jpg is a broken symbolic link (to '/gone/a.jpg')"``.
+
+    Raises:
+        OSError: a transient I/O error (``is_transient_io_error``), for the caller to retry.
+
+    Example:
+        >>> media_file_problem("/nope.jpg")
+        'image file not found: /nope.jpg'
+    """
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return f"{what} file {path} is a broken symbolic link (to {target!r})"
+        return f"{what} file not found: {path}"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{what} file {path} is a symlink loop (too many levels of symbolic links)"
+        if is_transient_io_error(exc):
+            raise
+        return f"{what} file {path} cannot be opened: {exc.strerror or exc}"
+    return None
+
+
+# Formats whose magic bytes are unambiguous: when PIL cannot identify such a file, ask that plugin why.
+_MAGIC_FORMATS = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+                  (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def png_checksum_error(data: bytes) -> str | None:
+    """The first chunk of a PNG whose stored CRC differs from the computed one, described; else None.
+
+    Example:
+        >>> png_checksum_error(open("bad_crc.png", "rb").read())  # IHDR CRC byte flipped
+        'PNG checksum (CRC) error in the IHDR chunk at byte 8 (stored 0x2b8e0e3c, computed 0xd48e0e3c)'
+    """
+    pos = 8
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return None  # truncated: not a checksum problem
+        stored = struct.unpack(">I", data[end:end + 4])[0]
+        computed = zlib.crc32(data[pos + 4:end]) & 0xFFFFFFFF
+        if stored != computed:
+            name = kind.decode("latin-1")
+            return (f"PNG checksum (CRC) error in the {name} chunk at byte {pos} (stored 0x{stored:08x}, "
+                    f"computed 0x{computed:08x})")
+        if kind == b"IEND":
+            return None
+        pos = end + 4
+    return None
+
+
+def _diagnose_unidentified(raw: bytes | None, where: str) -> str:
+    """The real cause behind PIL's "cannot identify image file" for a file whose magic names its format."""
+    unknown = "not an image format PIL can identify"
+    try:
+        if raw is None:
+            with open(where, "rb") as handle:
+                data = handle.read(16)
+                if not any(data.startswith(magic) for magic, _ in _MAGIC_FORMATS) and data[8:12] != b"WEBP":
+                    return unknown
+                data += handle.read()
+        else:
+            data = raw
+    except OSError:
+        return unknown
+    fmt = next((name for magic, name in _MAGIC_FORMATS if data.startswith(magic)), None)
+    if fmt is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        fmt = "WEBP"
+    if fmt is None:
+        return unknown
+    if fmt == "PNG":
+        crc = png_checksum_error(data)
+        if crc is not None:
+            return f"{crc}: the file is corrupt"
+    Image.init()
+    factory = Image.OPEN.get(fmt, (None, None))[0]
+    if factory is None:
+        return f"a {fmt} file that PIL cannot read"
+    try:
+        factory(io.BytesIO(data), where).close()
+    except Exception as exc:  # noqa: BLE001 - whatever the plugin says is the cause
+        return f"broken {fmt} file: {exc}"
+    return f"a {fmt} file that PIL cannot identify"
+
+
+def _describe(exc: BaseException, raw: bytes | None = None, where: str = "") -> str:
+    # PIL's "cannot identify image file <_io.BytesIO object at 0x...>" names no file and changes every run,
+    # and hides the real cause (e.g. a PNG checksum error): look at the bytes.
     if isinstance(exc, UnidentifiedImageError):
-        return "not an image format PIL can identify"
+        return _diagnose_unidentified(raw, where) if (raw is not None or where) else \
+            "not an image format PIL can identify"
     return str(exc)
 
 
@@ -278,8 +385,9 @@ def open_image(source: str, data_path: str = "") -> Image.Image:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(raw))
         else:
-            if not os.path.exists(where):
-                raise ImageError(f"image file not found: {where}", "missing_media")
+            missing = media_file_problem(where, "image")
+            if missing is not None:
+                raise ImageError(missing, "missing_media")
             with warnings.catch_warnings():  # _check_pixel_count says it more clearly
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(where)
@@ -293,7 +401,7 @@ def open_image(source: str, data_path: str = "") -> Image.Image:
     except (OSError, SyntaxError, ValueError, struct.error) as exc:
         if is_transient_io_error(exc):
             raise
-        raise ImageError(f"cannot decode {where}: {_describe(exc)}") from exc
+        raise ImageError(f"cannot decode {where}: {_describe(exc, raw, where)}") from exc
     return to_rgb(image)
 
 
@@ -310,6 +418,10 @@ def image_size(source: str, data_path: str = "") -> tuple[int, int]:
     _check_reference(source)
     raw = _decode_base64(source)
     where = "inline image" if raw is not None else resolve_path(source, data_path)
+    if raw is None:
+        missing = media_file_problem(where, "image")
+        if missing is not None:
+            raise ImageError(missing, "missing_media")
     try:
         with warnings.catch_warnings():  # _check_pixel_count below says it more clearly
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -334,7 +446,7 @@ def image_size(source: str, data_path: str = "") -> tuple[int, int]:
     except (OSError, SyntaxError, ValueError, struct.error, zlib.error, IndexError) as exc:
         if is_transient_io_error(exc):
             raise
-        raise ImageError(f"cannot read the header of {where}: {_describe(exc)}") from exc
+        raise ImageError(f"cannot read the header of {where}: {_describe(exc, raw, where)}") from exc
     if orientation in (5, 6, 7, 8) and (width, height) == stored:
         width, height = height, width
     return height, width

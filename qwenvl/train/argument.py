@@ -105,6 +105,14 @@ class DataArguments:
     video_min_frames: int = field(default=4)
     video_max_frame_pixels: PixelCount = field(default=PixelCount(32 * 28 * 28))
     video_min_frame_pixels: PixelCount = field(default=PixelCount(4 * 28 * 28))
+    # Qwen3-VL video sampling (upstream HEAD's flags); Qwen2/2.5-VL use base_interval and the frame-pixel flags.
+    video_fps: float = field(default=2.0, metadata={"help": "Qwen3-VL: frames sampled per second of video, within "
+                                                             "--video_min_frames..--video_max_frames."})
+    video_max_pixels: PixelCount | None = field(
+        default=None, metadata={"help": "Qwen3-VL: pixel budget of a whole video (all sampled frames), e.g. "
+                                        "768*32*32*8 (None: the checkpoint's video processor config)."})
+    video_min_pixels: PixelCount | None = field(
+        default=None, metadata={"help": "Qwen3-VL: least pixels of a whole video (None: the checkpoint's)."})
     bad_sample_policy: str = field(
         default="skip",
         metadata={"help": "What a bad sample (missing/corrupt media, tag mismatch, over-length ...) does: 'error' "
@@ -118,8 +126,16 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_pixels", "min_pixels", "video_max_frame_pixels", "video_min_frame_pixels"):
-            setattr(self, name, PixelCount(getattr(self, name)))
+        for name in ("max_pixels", "min_pixels", "video_max_frame_pixels", "video_min_frame_pixels",
+                     "video_max_pixels", "video_min_pixels"):
+            if getattr(self, name) is not None:
+                setattr(self, name, PixelCount(getattr(self, name)))
+        if self.video_fps <= 0:
+            raise ValueError(f"video_fps must be positive, got {self.video_fps}")
+        if self.video_min_pixels is not None and self.video_max_pixels is not None \
+                and self.video_min_pixels > self.video_max_pixels:
+            raise ValueError(f"video_min_pixels ({self.video_min_pixels}) is larger than video_max_pixels "
+                             f"({self.video_max_pixels})")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
         if self.video_min_frame_pixels > self.video_max_frame_pixels:

@@ -1,4 +1,4 @@
-"""Malformed inputs seen in real datasets, with the outcome each must produce (issue 5).
+"""Malformed inputs seen in real datasets, with the outcome each must produce (issues 5 and 9).
 
 Shared by tests/data/test_bad_data.py (every case under both policies),
 tests/tools/test_check_image.py and tests/train/test_bad_data_training.py.
@@ -8,13 +8,16 @@ Expected reasons are written out by hand here, not taken from the code under tes
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 # Every good sample has a unique answer, so the sample a batch holds can be read back from its labels.
@@ -46,6 +49,75 @@ def _png_header(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
+def _frames(count: int) -> np.ndarray:
+    """``count`` flat grey 64x48 frames, frame i at level 4 * i."""
+    return np.stack([np.full((48, 64, 3), 4 * i, dtype=np.uint8) for i in range(count)])
+
+
+def _encode(path: Path, count: int, rate: int, container_format: str | None = None, codec: str = "libx264",
+            pts: list[int] | None = None, time_base: Fraction | None = None) -> bytes:
+    """Encode ``count`` frames with PyAV (x264 without B-frames: one timestamp per frame); returns the file's bytes."""
+    import av
+
+    with av.open(str(path), mode="w", format=container_format) as container:
+        options = {"threads": "1", "bf": "0"} if codec == "libx264" else {}
+        stream = container.add_stream(codec, rate=rate, options=options)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        if time_base is not None:
+            stream.time_base = time_base
+        for number, array in enumerate(_frames(count)):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[number], time_base
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path.read_bytes()
+
+
+def _patch(data: bytes, box: bytes, offset: int, fmt: str, value: int) -> bytes:
+    """``data`` with the field at ``offset`` bytes after the first ``box`` tag set to ``value`` (struct ``fmt``)."""
+    at = data.index(box) + offset
+    size = struct.calcsize(fmt)
+    return data[:at] + struct.pack(fmt, value) + data[at + size:]
+
+
+def make_bad_videos(folder: Path) -> None:
+    """The broken videos of issue 9, made with PyAV and by editing container header fields.
+
+    - ``good.mp4``: 24 frames at 12 fps (the control).
+    - ``more_frames.avi``: an AVI whose header (avih dwTotalFrames, strh dwLength) promises 48 frames; 24 exist.
+    - ``more_frames.mp4``: an MP4 whose time-to-sample table (stts) promises 48 frames; 24 exist.
+    - ``fps_90000.mp4``: 24 frames at a 90000 fps rate (a timestamp clock taken for a frame rate).
+    - ``zero_time_scale.mp4``: the media header's time scale (mdhd) set to 0: 1/1024 fps.
+    - ``zero_frame_delta.mp4``: every frame lasts 0 ticks (stts delta 0): all frames share a timestamp.
+    - ``gap.mkv``: 24 frames said to be 12 fps, the last one stamped at 600 s (duration != frames / fps).
+    - ``jpeg.mp4`` / ``png.mp4``: still images renamed .mp4.
+    """
+    good = _encode(folder / "good.mp4", 24, 12)
+    avi = _encode(folder / "good_avi.avi", 24, 12, codec="mpeg4")
+    avi = _patch(avi, b"avih", 8 + 16, "<I", 48)  # dwTotalFrames
+    (folder / "more_frames.avi").write_bytes(_patch(avi, b"strh", 8 + 32, "<I", 48))  # dwLength
+    (folder / "good_avi.avi").unlink()
+    (folder / "more_frames.mp4").write_bytes(_patch(good, b"stts", 12, ">I", 48))  # first entry's sample count
+    _encode(folder / "fps_90000.mp4", 24, 90000)
+    (folder / "zero_time_scale.mp4").write_bytes(_patch(good, b"mdhd", 16, ">I", 0))  # version 0: scale at +16
+    (folder / "zero_frame_delta.mp4").write_bytes(_patch(good, b"stts", 16, ">I", 0))  # first entry's delta
+    _encode(folder / "gap.mkv", 24, 12, pts=[83 * i for i in range(23)] + [600_000], time_base=Fraction(1, 1000))
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(folder / "jpeg.mp4", format="JPEG")
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(folder / "png.mp4", format="PNG")
+
+
+def make_bad_links_and_checksums(folder: Path) -> None:
+    """Symlink loops (image and video), a dangling link, and PNGs with a wrong CRC byte (issue 9)."""
+    for name, other in (("loop_a.png", "loop_b.png"), ("loop_b.png", "loop_a.png"),
+                        ("loop_a.mp4", "loop_b.mp4"), ("loop_b.mp4", "loop_a.mp4"), ("dangling.png", "gone.png")):
+        if not os.path.lexists(folder / name):
+            os.symlink(folder / other, folder / name)
+    png = (folder / "good.png").read_bytes()
+    # bytes 29-32 are IHDR's CRC (after 8 signature + 8 length/type + 13 data bytes): flip the last one
+    (folder / "bad_crc.png").write_bytes(png[:32] + bytes([png[32] ^ 0xFF]) + png[33:])
+
+
 def make_media(folder: Path) -> Path:
     """Write the good and the broken media files the cases refer to; returns ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,6 +137,8 @@ def make_media(folder: Path) -> Path:
     (folder / "big_header.png").write_bytes(_png_header(12_000, 12_000))
     (folder / "corrupt.mp4").write_bytes(bytes(rng.randrange(256) for _ in range(4096)))
     Image.new("RGB", (56, 56), (20, 180, 40)).save(folder / "flaky.png")
+    make_bad_videos(folder)
+    make_bad_links_and_checksums(folder)
     return folder
 
 
@@ -93,6 +167,7 @@ class Case:
 
 _WORDS = "word " * 400
 _GOOD = _conv(("human", "<image>\nWhat is it?"), ("gpt", "A square."))
+_VIDEO = _conv(("human", "<video>\nWhat moves?"), ("gpt", "A square."))
 
 CASES: list[Case] = [
     # ---- the record itself
@@ -200,6 +275,74 @@ CASES: list[Case] = [
          regex=True),
     Case("answer_truncated_away", "no_labels", "no answer token survives (empty answers or truncated away)",
          {"conversations": _conv(("human", _WORDS), ("gpt", "A square."))}),
+    # ---- issue 9: (a) a header that promises more frames than the file holds
+    Case("avi_header_promises_more_frames", "bad_video",
+         "video 0: broken video {D}/more_frames.avi: the header promises 48 frames but the file holds only 24 "
+         "(a truncated file or an edited header); its frames cannot be sampled as planned",
+         {"video": "more_frames.avi", "conversations": _VIDEO}),
+    Case("mp4_header_promises_more_frames", "bad_video",
+         "video 0: broken video {D}/more_frames.mp4: the header promises 48 frames but the file holds only 24 "
+         "(a truncated file or an edited header); its frames cannot be sampled as planned",
+         {"video": "more_frames.mp4", "conversations": _VIDEO}),
+    # ---- (b) nonsense frame rates and timing
+    Case("fps_90000", "bad_video",
+         "video 0: broken video metadata in {D}/fps_90000.mp4: 90000 fps is outside [0.01, 1000] (a broken header: "
+         "the frame rate is not believable); re-encode the video with its real frame rate",
+         {"video": "fps_90000.mp4", "conversations": _VIDEO}),
+    Case("zero_time_scale", "bad_video",
+         "video 0: broken video metadata in {D}/zero_time_scale.mp4: 0.000976562 fps is outside [0.01, 1000] (a "
+         "broken header: the frame rate is not believable); re-encode the video with its real frame rate",
+         {"video": "zero_time_scale.mp4", "conversations": _VIDEO}),
+    Case("zero_frame_delta", "bad_video",
+         r"video 0: broken timestamps in {D}/zero_frame_delta\.mp4: 24 frames share \d+ timestamps, so frames cannot "
+         r"be told apart; re-encode the video",
+         {"video": "zero_frame_delta.mp4", "conversations": _VIDEO}, regex=True),
+    Case("duration_disagrees_with_frames_and_fps", "bad_video",
+         "video 0: inconsistent video metadata in {D}/gap.mkv: 24 frames at 12 fps last 2.000 s but the frames' "
+         "timestamps span 600.083 s; re-encode the video at a constant frame rate",
+         {"video": "gap.mkv", "conversations": _VIDEO}),
+    # ---- (c) still images given as videos
+    Case("jpeg_named_mp4", "bad_video",
+         "video 0: {D}/jpeg.mp4 is a JPEG image, not a video: list it under 'image' with an <image> tag",
+         {"video": "jpeg.mp4", "conversations": _VIDEO}),
+    Case("png_named_mp4", "bad_video",
+         "video 0: {D}/png.mp4 is a PNG image, not a video: list it under 'image' with an <image> tag",
+         {"video": "png.mp4", "conversations": _VIDEO}),
+    # ---- (d) media tags in the system turn
+    Case("image_tag_in_system", "tag_in_system",
+         "system turn 0 contains a media tag (<image> or <video>); put media tags in a human turn",
+         {"image": "good.png", "conversations": _conv(("system", "Look at <image> first."),
+                                                      ("human", "What is it?"), ("gpt", "A square."))}),
+    Case("video_tag_in_system", "tag_in_system",
+         "system turn 0 contains a media tag (<image> or <video>); put media tags in a human turn",
+         {"conversations": _conv(("system", "<video>"), ("human", "What moves?"), ("gpt", "A square."))}),
+    # ---- (e) unpaired surrogates (json.loads accepts "\ud800"; no UTF-8 encoder does)
+    Case("surrogate_in_question", "invalid_unicode",
+         "conversations[0].value holds an unpaired surrogate \\ud800 at character 4: not valid Unicode (a broken "
+         "\\u escape in the JSON); fix the text",
+         {"conversations": _conv(("human", "Why \ud800?"), ("gpt", "A square."))}),
+    Case("low_surrogate_in_answer", "invalid_unicode",
+         "conversations[1].value holds an unpaired surrogate \\udc00 at character 2: not valid Unicode (a broken "
+         "\\u escape in the JSON); fix the text",
+         {"conversations": _conv(("human", "Why?"), ("gpt", "A \udc00 square."))}),
+    Case("surrogate_in_metadata", "invalid_unicode",
+         "id holds an unpaired surrogate \\udbff at character 0: not valid Unicode (a broken \\u escape in the "
+         "JSON); fix the text",
+         {"id": "\udbff", "conversations": _conv(("human", "Why?"), ("gpt", "A square."))}),
+    # ---- (g) the real cause of a link or checksum problem
+    Case("image_symlink_loop", "missing_media",
+         "image 0: image file {D}/loop_a.png is a symlink loop (too many levels of symbolic links)",
+         {"image": "loop_a.png", "conversations": _GOOD}),
+    Case("video_symlink_loop", "missing_media",
+         "video 0: video file {D}/loop_a.mp4 is a symlink loop (too many levels of symbolic links)",
+         {"video": "loop_a.mp4", "conversations": _VIDEO}),
+    Case("dangling_symlink", "missing_media",
+         "image 0: image file {D}/dangling.png is a broken symbolic link (to '{D}/gone.png')",
+         {"image": "dangling.png", "conversations": _GOOD}),
+    Case("png_checksum_error", "bad_image",
+         "image 0: cannot decode {D}/bad_crc.png: PNG checksum (CRC) error in the IHDR chunk at byte 8 (stored "
+         "0x27e4acb6, computed 0x27e4ac49): the file is corrupt",
+         {"image": "bad_crc.png", "conversations": _GOOD}),
     # ---- JSONL lines
     Case("unparseable_jsonl_line", "bad_json",
          "line 2: invalid JSON line: Expecting value (column 20)", line=b'{"conversations": [',
@@ -212,6 +355,10 @@ CASES: list[Case] = [
          line=b'{"conversations": ["\xe9t\xe9"]}',
          load_error="{A}:2: invalid JSON line: not valid UTF-8 (column 21)"),
     Case("array_jsonl_line", "not_object", "sample is a list, expected an object", line=b'["good.png", "A square."]'),
+    Case("surrogate_jsonl_line", "invalid_unicode",
+         "conversations[0].value holds an unpaired surrogate \\ud83d at character 3: not valid Unicode (a broken "
+         "\\u escape in the JSON); fix the text",
+         line=b'{"conversations": [{"from": "human", "value": "Hi \\ud83d?"}, {"from": "gpt", "value": "Yo."}]}'),
 ]
 
 
@@ -258,4 +405,47 @@ def write_training_set(folder: Path) -> dict[str, dict]:
                            "bad": image_bad, "good": {i: i for i in range(20) if i not in image_bad}},
         "bad_mix_text": {"annotation_path": str(folder / "mix_text.jsonl"), "data_path": "",
                          "bad": {4: "bad_json"}, "good": {i: 100 + i for i in range(10) if i != 4}},
+    }
+
+
+# ---- issue 9: one sample of each new class among good ones, for training runs
+ISSUE9_CASES = ("avi_header_promises_more_frames", "fps_90000", "jpeg_named_mp4", "image_tag_in_system",
+                "surrogate_in_question", "image_symlink_loop", "png_checksum_error", "surrogate_jsonl_line")
+
+
+def write_issue9_set(folder: Path) -> dict[str, dict]:
+    """Two datasets, 18 samples, 8 bad: one of each issue-9 class (``ISSUE9_CASES``) between good samples.
+
+    ``issue9_json`` (14 samples: good at even indices, the 7 record cases at odd ones) and
+    ``issue9_jsonl`` (4 lines: good, the surrogate line, good, good).
+
+    Returns:
+        ``{name: {"annotation_path", "data_path", "bad": {index: (kind, message)}, "good": {index: k}}}``
+        with messages written out from the catalog's hand-written reasons.
+    """
+    make_media(folder)
+    by_name = {case.name: case for case in CASES}
+    record_cases = [by_name[name] for name in ISSUE9_CASES if not by_name[name].jsonl]
+    records, bad, good = [], {}, {}
+    for case in record_cases:
+        good[len(records)] = 200 + len(records)
+        records.append(good_record(200 + len(records)))
+        bad[len(records)] = case
+        records.append(case.record)
+    json_path = folder / "issue9.json"
+    json_path.write_text(json.dumps(records))
+    line_case = by_name["surrogate_jsonl_line"]
+    lines = [json.dumps(text_record(300)).encode(), line_case.line, json.dumps(text_record(302)).encode(),
+             json.dumps(text_record(303)).encode()]
+    jsonl_path = folder / "issue9.jsonl"
+    jsonl_path.write_bytes(b"\n".join(lines) + b"\n")
+
+    def message(path: Path, index: int, case: Case) -> tuple[str, str]:
+        return case.kind, f"{path}:{index}: " + case.reason.format(D=folder)
+
+    return {
+        "issue9_json": {"annotation_path": str(json_path), "data_path": str(folder),
+                        "bad": {i: message(json_path, i, c) for i, c in bad.items()}, "good": good},
+        "issue9_jsonl": {"annotation_path": str(jsonl_path), "data_path": "",
+                         "bad": {1: message(jsonl_path, 1, line_case)}, "good": {0: 300, 2: 302, 3: 303}},
     }

@@ -33,6 +33,7 @@ from qwenvl.data.data_qwen import (
     placeholder_batch,
 )
 from qwenvl.data.validation import PROBLEM_KINDS, SampleValidator, with_io_retries
+from qwenvl.data.video import VideoError, VideoMeta, check_video_meta
 from qwenvl.data.vision import ImageError, VisionConfig, image_size, open_image, to_rgb
 from qwenvl.train.argument import DataArguments
 from tests.data.bad_catalog import ANSWER, CASES, MODEL_MAX_LENGTH, good_record, make_media, write_case
@@ -103,7 +104,8 @@ def test_catalog_is_large_and_distinct():
                 for case in CASES}) == len(CASES)
     assert {case.kind for case in CASES} <= set(PROBLEM_KINDS)
     # every kind training can report is exercised, except io_error (see test_transient_errors_outliving_retries)
-    assert set(PROBLEM_KINDS) - {case.kind for case in CASES} == {"io_error", "too_small"}
+    # and unexpected_error (see test_unexpected_errors_are_the_samples_problem)
+    assert set(PROBLEM_KINDS) - {case.kind for case in CASES} == {"io_error", "too_small", "unexpected_error"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
@@ -408,3 +410,103 @@ def test_policy_flags():
         DataArguments(bad_sample_policy="ignore")
     with pytest.raises(ValueError, match=re.escape("bad_sample_threshold must be a fraction in [0, 1], got 1.5")):
         DataArguments(bad_sample_threshold=1.5)
+
+
+# ------------------------------------------------------------------ issue 9
+@pytest.mark.parametrize("fps, found", [(0.0, "0.0"), (-12.0, "-12.0"), (float("nan"), "nan"), (float("inf"), "inf"),
+                                        (float("-inf"), "-inf")])
+def test_non_positive_or_non_finite_fps_is_refused(fps, found):
+    with pytest.raises(VideoError) as info:
+        check_video_meta("clip.mp4", VideoMeta(24, fps, 48, 64))
+    assert str(info.value) == ("broken video metadata in clip.mp4: expected frames >= 1, fps > 0 and a non-empty "
+                               f"frame size but found 24 frames at {found} fps, 64x48")
+
+
+@pytest.mark.parametrize("fps, shown", [(90000.0, "90000"), (1e6, "1e+06"), (0.001, "0.001")])
+def test_unbelievable_fps_is_refused(fps, shown):
+    with pytest.raises(VideoError) as info:
+        check_video_meta("clip.mp4", VideoMeta(24, fps, 48, 64))
+    assert str(info.value) == (f"broken video metadata in clip.mp4: {shown} fps is outside [0.01, 1000] (a broken "
+                               "header: the frame rate is not believable); re-encode the video with its real frame rate")
+
+
+def test_duration_must_agree_with_frames_and_fps():
+    meta = VideoMeta(24, 12.0, 48, 64)  # 2 s
+    for span in (2.0, 2.9, 1.1, 3.0):  # within 1 s: variable frame rates and rounding are normal
+        assert check_video_meta("clip.mp4", meta, span) == meta
+    assert check_video_meta("long.mp4", VideoMeta(600, 12.0, 48, 64), 90.0) == VideoMeta(600, 12.0, 48, 64)
+    for span, shown in ((600.083, "600.083"), (0.4, "0.400"), (float("nan"), "nan"), (float("inf"), "inf")):
+        with pytest.raises(VideoError) as info:
+            check_video_meta("clip.mp4", meta, span)
+        assert str(info.value) == ("inconsistent video metadata in clip.mp4: 24 frames at 12 fps last 2.000 s but the "
+                                   f"frames' timestamps span {shown} s; re-encode the video at a constant frame rate")
+    with pytest.raises(VideoError, match=re.escape("120.000 s but the frames' timestamps span 20.000 s")):
+        check_video_meta("long.mp4", VideoMeta(1440, 12.0, 48, 64), 20.0)
+
+
+@pytest.mark.parametrize("dataset_use, first, second", [
+    ("dup_a,dup_a", "dup_a", "dup_a"),
+    ("dup_a%50,dup_a%50", "dup_a%50", "dup_a%50"),
+    ("dup_b,dup_a%50, dup_a", "dup_a%50", "dup_a"),
+])
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_dataset_named_twice_is_an_error(dataset_use, first, second, policy, media, register, tokenizer,
+                                         vision_config):
+    """Both policies: naming a dataset twice is a configuration error, not something to skip."""
+    for name in ("dup_a", "dup_b"):
+        register(name, write_case(CASES[0], media), media)
+    with pytest.raises(ValueError) as info:
+        make_dataset(tokenizer, vision_config, dataset_use, policy)
+    assert str(info.value) == (f"dataset 'dup_a' is named twice in --dataset_use ({first!r} and {second!r}): each of "
+                               "its samples would be trained twice; name it once (use dup_a%N to keep N percent)")
+
+
+class FailsUnexpectedly(LazySupervisedDataset):
+    """Stands in for a failure no check foresees (the tokenizer's TypeError on a surrogate, before issue 9):
+    sample 1 raises inside ``get_item``, where the real tokenizer call is."""
+
+    def get_item(self, i):
+        if i == 1:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+        return super().get_item(i)
+
+
+def test_unexpected_errors_are_the_samples_problem(media, register, tokenizer, vision_config):
+    annotation = write_case(CASES[0], media)
+    name = register("unexpected", annotation, media)
+    reason = ("unexpected error: TypeError: TextEncodeInput must be Union[TextInputSequence, "
+              "Tuple[InputSequence, InputSequence]]")
+    skipping = FailsUnexpectedly(tokenizer, DataArguments(dataset_use=name), vision_config,
+                                   model_max_length=MODEL_MAX_LENGTH, bad_sample_policy="skip", io_backoff=0.0)
+    assert skipping[1] == Problem(name, str(annotation), 1, "unexpected_error", reason)
+    assert answer_of(tokenizer, skipping[2]) == ANSWER.format(k=2)
+    stopping = FailsUnexpectedly(tokenizer, DataArguments(dataset_use=name), vision_config,
+                                   model_max_length=MODEL_MAX_LENGTH, bad_sample_policy="error", io_backoff=0.0)
+    with pytest.raises(TypeError) as info:
+        stopping[1]
+    assert info.value.__notes__ == [f"while loading sample {annotation}:1"]
+
+    class BrokenValidator(SampleValidator):
+        def check(self, record, ref):
+            if ref.index == 1:
+                raise KeyError("boom")
+            super().check(record, ref)
+
+    validator = BrokenValidator(vision_config, io_backoff=0)
+    assert validator.validate(skipping.records[1], skipping.refs[1]) == Problem(
+        name, str(annotation), 1, "unexpected_error", "unexpected error: KeyError: 'boom'")
+    assert validator.validate(skipping.records[0], skipping.refs[0]) is None
+
+
+def test_surrogate_reaches_neither_the_tokenizer_nor_a_writer(media, register, tokenizer, vision_config):
+    """The issue-9 crash: json.loads gives a lone surrogate that the tokenizer rejects with a TypeError."""
+    record = {"conversations": [{"from": "human", "value": "Why \ud800?"}, {"from": "gpt", "value": "A square."}]}
+    with pytest.raises(TypeError):  # what training used to hit at step 0
+        tokenizer(["Why \ud800?"], add_special_tokens=False)
+    annotation = media / "surrogate.json"
+    annotation.write_text(json.dumps([good_record(0), record]))
+    assert '"Why \\ud800?"' in annotation.read_text()  # the escape as a JSON file holds it
+    dataset = make_dataset(tokenizer, vision_config, register("surrogate", annotation, media), "skip")
+    problem = dataset[1]
+    assert problem.kind == "invalid_unicode"
+    problem.message.encode("utf-8")  # printable and writable as it is

@@ -59,3 +59,18 @@ def test_two_ranks_keep_the_same_subset(tiny_model_dir, tmp_path):
     assert len(single) == 12 // 2 and len(text) == int(8 * 0.4)
     assert rank0 == rank1
     assert single == sample_indices(12, 0.5, seed=1234, name="demo_single_image")
+
+
+@pytest.mark.parametrize("names, first, second", [
+    (["demo_video", "demo_video"], "demo_video", "demo_video"),
+    (["demo_video%50", "demo_video%50"], "demo_video%50", "demo_video%50"),
+    (["demo_text_only", "demo_video%30", " demo_video"], "demo_video%30", "demo_video"),
+])
+def test_dataset_named_twice_is_an_error(names, first, second):
+    """Issue 9: every sample of a dataset named twice was trained twice, silently."""
+    with pytest.raises(ValueError) as info:
+        data_list(names)
+    assert str(info.value) == (f"dataset 'demo_video' is named twice in --dataset_use ({first!r} and {second!r}): "
+                               "each of its samples would be trained twice; name it once (use demo_video%N to keep "
+                               "N percent)")
+    assert [c["name"] for c in data_list(["demo_video", "demo_text_only"])] == ["demo_video", "demo_text_only"]

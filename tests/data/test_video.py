@@ -211,10 +211,13 @@ def test_patchify_shapes_for_odd_and_even_frame_counts(num_frames):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decoded_frames_are_the_sampled_ones(clips, backend):
     path, total, _ = clips["gop7.mp4"]
-    for indices in ([0, 1, 2], [59, 0, 30, 30, 7, 8, 13, 14], list(range(0, 60, 9)), [5, 70]):
+    for indices in ([0, 1, 2], [59, 0, 30, 30, 7, 8, 13, 14], list(range(0, 60, 9))):
         frames = read_frames(path, indices, backend)
-        expected = [4 * min(i, total - 1) for i in indices]  # past the end: the last frame
+        expected = [4 * i for i in indices]
         assert np.abs(frames.reshape(len(indices), -1).mean(axis=1) - expected).max() < 2
+    # past the end: an error, never the last frame again (issue 9: frames were silently repeated)
+    with pytest.raises(VideoError, match=re.escape(f"{path}: frame 70 was planned but only 60 frames decode")):
+        read_frames(path, [5, 70], backend)
 
 
 @pytest.mark.skipif(not HAS_DECORD, reason="decord is not installed")
@@ -301,7 +304,7 @@ def test_missing_and_corrupt_videos_name_the_file(tmp_path):
     (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "cut.mp4").write_bytes((DEMO / "videos" / DEMO_CLIPS[0].name).read_bytes()[:400])
-    # Header first (faststart), frames cut: the probe succeeds, decoding fails.
+    # Header first (faststart), frames cut: the probe sees the header promise 12 frames and finds fewer.
     import av
 
     with av.open(str(tmp_path / "faststart.mp4"), "w", options={"movflags": "+faststart"}) as container:
@@ -312,7 +315,9 @@ def test_missing_and_corrupt_videos_name_the_file(tmp_path):
         container.mux(stream.encode())
     data = (tmp_path / "faststart.mp4").read_bytes()
     (tmp_path / "cut_frames.mp4").write_bytes(data[:len(data) // 2])
-    assert probe_video(str(tmp_path / "cut_frames.mp4")).num_frames == 12
+    with pytest.raises(VideoError, match=re.escape(
+            f"broken video {tmp_path / 'cut_frames.mp4'}: the header promises 12 frames but the file holds only ")):
+        probe_video(str(tmp_path / "cut_frames.mp4"))
     for name in ("noise.mp4", "empty.mp4", "cut.mp4", "cut_frames.mp4"):
         for backend in BACKENDS:
             with pytest.raises(VideoError, match=re.escape(str(tmp_path / name))):
@@ -431,3 +436,55 @@ def test_mixed_batch_trains_alike_padded_and_flattened(tiny_model_dir, tokenizer
     assert math.isfinite(padded_loss)
     assert flat_loss == pytest.approx(padded_loss, abs=1e-5)
     torch.testing.assert_close(flat_grad, padded_grad, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------ issue 9: never repeat or substitute frames
+@pytest.fixture(scope="module")
+def bad_videos(tmp_path_factory):
+    from tests.data.bad_catalog import make_bad_videos
+
+    folder = tmp_path_factory.mktemp("bad_videos")
+    make_bad_videos(folder)
+    return folder
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["more_frames.avi", "more_frames.mp4"])
+def test_header_promising_more_frames_is_refused_not_repeated(bad_videos, name, backend):
+    """The header says 48 frames, 24 exist: sampling frames 0..47 used to return frame 23 again and again."""
+    path = bad_videos / name
+    with pytest.raises(VideoError) as info:
+        load_video(name, str(bad_videos), DataArguments(base_interval=0.25), CFG, backend=backend)
+    assert str(info.value) == (f"broken video {path}: the header promises 48 frames but the file holds only 24 (a "
+                               "truncated file or an edited header); its frames cannot be sampled as planned")
+    # the decoders themselves refuse a frame past the last one too (no probe involved)
+    with pytest.raises(VideoError, match=re.escape(f"{path}: frame 40 was planned but only 24 frames decode")):
+        read_frames(str(path), [0, 20, 40], backend)
+    frames = read_frames(str(path), [0, 23], backend)  # the frames that exist still decode
+    assert np.abs(frames.reshape(2, -1).mean(axis=1) - [0, 92]).max() < 4  # MPEG-4 part 2 at its default quality
+
+
+@pytest.mark.parametrize("name, message", [
+    ("fps_90000.mp4", "broken video metadata in {P}: 90000 fps is outside [0.01, 1000]"),
+    ("zero_time_scale.mp4", "broken video metadata in {P}: 0.000976562 fps is outside [0.01, 1000]"),
+    ("zero_frame_delta.mp4", "broken timestamps in {P}: 24 frames share "),
+    ("gap.mkv", "inconsistent video metadata in {P}: 24 frames at 12 fps last 2.000 s but the frames' timestamps "
+                "span 600.083 s"),
+    ("jpeg.mp4", "{P} is a JPEG image, not a video: list it under 'image' with an <image> tag"),
+    ("png.mp4", "{P} is a PNG image, not a video: list it under 'image' with an <image> tag"),
+])
+def test_nonsense_timing_and_images_named_as_videos_are_refused_by_the_probe(bad_videos, name, message):
+    """The probe is what tools/pack_data.py counts with: it must refuse what training refuses."""
+    path = bad_videos / name
+    with pytest.raises(VideoError) as info:
+        probe_video(name, str(bad_videos))
+    assert str(info.value).startswith(message.format(P=path)), str(info.value)
+    args = DataArguments()
+    for backend in BACKENDS:
+        with pytest.raises(VideoError) as again:
+            load_video(name, str(bad_videos), args, CFG, backend=backend)
+        assert str(again.value) == str(info.value)
+
+
+def test_the_control_clip_of_the_bad_videos_is_fine(bad_videos):
+    assert probe_video("good.mp4", str(bad_videos)) == VideoMeta(24, 12.0, 48, 64)

@@ -108,3 +108,50 @@ def test_exif_rotation_is_applied_and_header_size_agrees(tmp_path):
     opened = open_image("rot.jpg", str(tmp_path))
     assert opened.size == (30, 60)
     assert image_size("rot.jpg", str(tmp_path)) == (60, 30)  # (height, width) as opened
+
+
+# ------------------------------------------------------------ issue 9: the real cause
+def test_symlink_loop_and_dangling_link_are_named_as_such(tmp_path):
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    for read in (open_image, image_size):
+        with pytest.raises(ImageError) as info:
+            read("a.png", str(tmp_path))
+        assert (info.value.kind, str(info.value)) == (
+            "missing_media", f"image file {tmp_path}/a.png is a symlink loop (too many levels of symbolic links)")
+        with pytest.raises(ImageError) as info:
+            read("dangling.png", str(tmp_path))
+        assert str(info.value) == f"image file {tmp_path}/dangling.png is a broken symbolic link (to '{tmp_path}/gone.png')"
+
+
+def _chunks(data: bytes) -> list[tuple[bytes, int, int]]:
+    """(chunk type, offset of the chunk, offset of its CRC) of every PNG chunk, walked by hand."""
+    out, pos = [], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        out.append((data[pos + 4:pos + 8], pos, pos + 8 + length))
+        pos += 12 + length
+    return out
+
+
+@pytest.mark.parametrize("chunk", [b"IHDR", b"tEXt"])
+def test_png_checksum_error_is_reported_as_such(tmp_path, chunk):
+    """PIL says "cannot identify image file" for a bad CRC before the pixels: the cause must not be lost."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Comment", "a chunk before the pixels")
+    Image.new("RGB", (56, 56), (20, 180, 40)).save(tmp_path / "good.png", pnginfo=info)
+    data = (tmp_path / "good.png").read_bytes()
+    (start, crc_at), = [(pos, crc) for kind, pos, crc in _chunks(data) if kind == chunk]
+    stored = int.from_bytes(data[crc_at:crc_at + 4], "big")
+    (tmp_path / "bad.png").write_bytes(data[:crc_at + 3] + bytes([data[crc_at + 3] ^ 0x01]) + data[crc_at + 4:])
+    cause = (f"PNG checksum (CRC) error in the {chunk.decode()} chunk at byte {start} (stored "
+             f"0x{stored ^ 0x01:08x}, computed 0x{stored:08x}): the file is corrupt")
+    with pytest.raises(ImageError) as caught:
+        open_image("bad.png", str(tmp_path))
+    assert (caught.value.kind, str(caught.value)) == ("bad_image", f"cannot decode {tmp_path}/bad.png: {cause}")
+    with pytest.raises(ImageError) as caught:
+        image_size("bad.png", str(tmp_path))
+    assert str(caught.value) == f"cannot read the header of {tmp_path}/bad.png: {cause}"

@@ -12,6 +12,8 @@ import pytest
 
 import qwenvl.data as registry
 from qwenvl.data.data_qwen import sample_indices
+from qwenvl.data.validation import SampleValidator
+from qwenvl.data.vision import VisionConfig
 from tests.conftest import PYTHON, REPO_ROOT, python_env
 from tests.data.bad_catalog import CASES, MODEL_MAX_LENGTH, good_record, make_media
 
@@ -163,3 +165,79 @@ def test_unknown_name_is_a_usage_error(capsys):
     err = capsys.readouterr().err
     assert "input 'no_such_dataset' is neither a registered dataset nor an annotation file" in err
     assert ", ".join(sorted(registry.data_dict)) in err
+
+
+# ------------------------------------------------------------------ issue 9
+class FailsOnSample3(SampleValidator):
+    """A check that raises what no check expects, on sample 3 only (module level: workers unpickle it)."""
+
+    def check(self, record, ref):
+        if ref.index == 3:
+            raise TypeError("argument 'text': 'str' object cannot be converted to 'PyString'")
+        super().check(record, ref)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unexpected_error_is_the_samples_problem_and_checking_goes_on(workers, tmp_path):
+    from tools.check_image import check_source, resolve_inputs
+
+    make_media(tmp_path)
+    annotation = tmp_path / "many.json"
+    annotation.write_text(json.dumps([good_record(k) for k in range(70)]))  # > 2 chunks: really in 2 processes
+    (source,) = resolve_inputs([str(annotation)], str(tmp_path), seed=0)
+    result = check_source(source, FailsOnSample3(VisionConfig(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)),
+                          workers, str(tmp_path / "out"), progress=False)
+    assert [p.to_dict() for p in result.problems] == [{
+        "dataset": str(annotation), "annotation_path": str(annotation), "index": 3, "kind": "unexpected_error",
+        "reason": "unexpected error: TypeError: argument 'text': 'str' object cannot be converted to 'PyString'",
+        "message": f"{annotation}:3: unexpected error: TypeError: argument 'text': 'str' object cannot be converted "
+                   "to 'PyString'"}]
+    valid = json.loads((tmp_path / "out" / "many_valid.json").read_text())
+    assert valid == [good_record(k) for k in range(70) if k != 3]
+
+
+def test_error_policy_stops_naming_file_index_and_cause(catalog, tmp_path, capsys):
+    from tools.check_image import main
+
+    media, annotation = catalog["media"], catalog["json"]
+    assert main([str(annotation), str(catalog["jsonl"]), "--data_path", str(media), "--bad_sample_policy", "error",
+                 "--output_dir", str(tmp_path), "--no_progress"]) == 1
+    err = capsys.readouterr().err
+    first = min(catalog["expected"])
+    case = catalog["expected"][first]
+    assert err.startswith(f"error: [{case.kind}] {annotation}:{first}: {case.reason.format(D=media)} "
+                          "(--bad_sample_policy error: stopped at the first input with a problem; ")
+    assert not (tmp_path / "lines_problems.json").exists()  # the second input was not checked
+
+
+@pytest.mark.parametrize("inputs", [["demo_video", "demo_video"], ["demo_video%50", "demo_video%50"],
+                                    ["demo_video", "demo_video%50"]])
+def test_input_named_twice_is_a_usage_error(inputs, capsys):
+    from tools.check_image import main
+
+    with pytest.raises(SystemExit) as info:
+        main(inputs)
+    assert info.value.code == 2
+    assert (f"input 'demo_video' is given twice ({inputs[0]!r} and {inputs[1]!r}): its samples would be counted "
+            "twice; name it once") in capsys.readouterr().err
+
+
+def test_issue9_classes_are_reported_with_their_real_cause(catalog, tmp_path):
+    """The surrogate, system-tag, video, symlink and checksum cases: each listed with its cause, none aborts."""
+    media, annotation = catalog["media"], catalog["json"]
+    result = run_tool(str(annotation), str(catalog["jsonl"]), "--data_path", str(media), "--output_dir",
+                      str(tmp_path), "--no_progress")
+    assert result.returncode == 1, result.stderr[-3000:]
+    found = {p["index"]: p for p in json.loads((tmp_path / "catalog_problems.json").read_text())}
+    names = {"avi_header_promises_more_frames", "mp4_header_promises_more_frames", "fps_90000", "zero_time_scale",
+             "duration_disagrees_with_frames_and_fps", "jpeg_named_mp4", "png_named_mp4", "image_tag_in_system",
+             "video_tag_in_system", "surrogate_in_question", "low_surrogate_in_answer", "surrogate_in_metadata",
+             "image_symlink_loop", "video_symlink_loop", "dangling_symlink", "png_checksum_error"}
+    indices = {case.name: index for index, case in catalog["expected"].items()}
+    assert names <= set(indices)
+    for name in names:
+        case = catalog["expected"][indices[name]]
+        problem = found[indices[name]]
+        assert (problem["kind"], problem["reason"]) == (case.kind, case.reason.format(D=media)), name
+    line = json.loads((tmp_path / "lines_problems.json").read_text())
+    assert any(p["kind"] == "invalid_unicode" for p in line)

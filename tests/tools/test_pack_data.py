@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
 import subprocess
 from collections import Counter
@@ -23,6 +24,7 @@ from qwenvl.data.token_count import TokenCounter, tokenizer_fingerprint
 from qwenvl.data.vision import ImageError, VisionConfig, open_image, process_image
 from qwenvl.train.argument import DataArguments
 from tests.conftest import PYTHON, REPO_ROOT, python_env
+from tests.data.bad_catalog import CASES, MODEL_MAX_LENGTH, good_record, make_media
 from tools.pack_data import first_fit_decreasing, main
 
 DEMO = ["demo_single_image", "demo_multi_image", "demo_grounding", "demo_text_only", "demo_video"]
@@ -366,7 +368,8 @@ def test_help_documents_the_flags():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     for flag in ("--pack_length", "--workers", "--max_pixels", "--video_max_frames", "--model_max_length",
-                 "--oversize", "--output", "--cache_dir", "_count.json", "_pack.json", "--data_packing True"):
+                 "--oversize", "--output", "--cache_dir", "_count.json", "_pack.json", "--data_packing True",
+                 "--output_dir", "--registry_file", "--dataset_registry", "--bad_sample_policy"):
         assert flag in done.stdout, flag
 
 
@@ -382,3 +385,162 @@ def test_media_flags_parse_after_training_parsed_its_arguments(tool):
     args = parser.parse_args(["x.json", "--max_pixels", "16*28*28", "--video_max_frames", "6",
                               *(["--model_name_or_path", "m"] if tool == "pack_data" else [])])
     assert (args.max_pixels, args.video_max_frames, args.base_interval) == (16 * 28 * 28, 6, DataArguments().base_interval)
+
+
+# ------------------------------------------------------------------ issue 9 and 10
+HEADER_INVISIBLE = {"truncated_jpeg"}  # its header reads fine: counted as valid (the module docstring says so)
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> dict:
+    """The bad-sample catalog as one JSON file (good, case, good, ...) and one JSONL file of the line cases."""
+    media = make_media(tmp_path_factory.mktemp("pack_catalog"))
+    records, expected = [], {}
+    for case in CASES:
+        if not case.jsonl:
+            records.append(good_record(len(records)))
+            expected[len(records)] = case
+            records.append(case.record)
+    records.append(good_record(len(records)))
+    annotation = media / "catalog.json"
+    annotation.write_text(json.dumps(records))
+    line_cases = [c for c in CASES if c.jsonl]
+    jsonl = media / "lines.jsonl"
+    jsonl.write_bytes(b"\n".join([json.dumps(good_record(0)).encode()] + [c.line for c in line_cases]) + b"\n")
+    return {"media": media, "json": annotation, "expected": expected, "jsonl": jsonl,
+            "jsonl_expected": {i + 1: c for i, c in enumerate(line_cases)}}
+
+
+def catalog_flags(catalog, tiny_model_dir, *extra) -> list[str]:
+    return ["--data_path", str(catalog["media"]), "--model_name_or_path", str(tiny_model_dir), "--model_max_length",
+            str(MODEL_MAX_LENGTH), "--max_pixels", "64*28*28", "--min_pixels", "16*28*28", "--show_problems", "0",
+            *extra]
+
+
+def from_header(reason: str) -> str:
+    """The counter reads image headers only: its wording for the same cause the dataset finds by decoding."""
+    return reason.replace(": cannot read the header of ", ": cannot decode ", 1)
+
+
+def reason_matches(case, reason: str, media: Path, line: int | None = None) -> bool:
+    reason = from_header(reason)
+    expected = case.reason.replace("line 2:", f"line {line}:") if line is not None else case.reason
+    if case.regex:
+        return re.fullmatch(expected.format(D=re.escape(str(media))), reason, flags=re.DOTALL) is not None
+    return reason == expected.format(D=media)
+
+
+def test_catalog_skip_policy_leaves_out_every_case_with_its_real_cause(catalog, tiny_model_dir, tokenizer,
+                                                                       image_processor, tmp_path, register):
+    media, annotation = catalog["media"], catalog["json"]
+    (result, lines) = main([str(annotation), str(catalog["jsonl"]),
+                            *catalog_flags(catalog, tiny_model_dir, "--output_dir", str(tmp_path))])
+    dropped = {index: (kind, reason) for _, index, kind, reason in result.dropped}
+    wanted = {i: c for i, c in catalog["expected"].items() if c.name not in HEADER_INVISIBLE}
+    assert set(dropped) == set(wanted)
+    for index, case in wanted.items():
+        kind, reason = dropped[index]
+        assert kind == case.kind and reason_matches(case, reason, media), (case.name, reason)
+    # the training dataset (skip policy) reports the very same kind and reason for each
+    dataset = LazySupervisedDataset(tokenizer, DataArguments(dataset_use=register("pack_catalog", annotation, media)),
+                                    vision_config(image_processor, 16 * 28 * 28, 64 * 28 * 28),
+                                    model_max_length=MODEL_MAX_LENGTH, bad_sample_policy="skip")
+    for index, (kind, reason) in dropped.items():
+        problem = dataset[index]
+        assert (problem.kind, problem.reason) == (kind, from_header(reason))
+    line_dropped = {index: (kind, reason) for _, index, kind, reason in lines.dropped}
+    assert set(line_dropped) == set(catalog["jsonl_expected"])
+    for index, case in catalog["jsonl_expected"].items():
+        assert line_dropped[index][0] == case.kind
+        assert reason_matches(case, line_dropped[index][1], media, line=index + 1), case.name
+
+
+def test_catalog_error_policy_stops_naming_file_index_and_cause(catalog, tiny_model_dir, tmp_path):
+    case = catalog["expected"][1]
+    with pytest.raises(SystemExit) as info:
+        main([str(catalog["json"]), *catalog_flags(catalog, tiny_model_dir, "--output_dir", str(tmp_path),
+                                                   "--bad_sample_policy", "error")])
+    output = tmp_path / "catalog_pack.json"
+    assert str(info.value) == (f"error: {catalog['json']}:1: [{case.kind}] {case.reason.format(D=catalog['media'])} "
+                               f"(--bad_sample_policy error; {output} not written)")
+    assert not output.exists()
+    surrogate = next(i for i, c in catalog["jsonl_expected"].items() if c.name == "surrogate_jsonl_line")
+    lines = tmp_path / "surrogate.jsonl"
+    lines.write_bytes(b"\n".join([json.dumps(good_record(0)).encode(), catalog["jsonl_expected"][surrogate].line]))
+    with pytest.raises(SystemExit, match=re.escape(
+            f"error: {lines}:1: [invalid_unicode] conversations[0].value holds an unpaired surrogate \\ud83d at "
+            "character 3: not valid Unicode (a broken \\u escape in the JSON); fix the text")):
+        main([str(lines), *catalog_flags(catalog, tiny_model_dir, "--output_dir", str(tmp_path),
+                                         "--bad_sample_policy", "error")])
+
+
+class FailsOnSample1(TokenCounter):
+    """A count that raises what no check expects, on sample 1 only (the tokenizer's TypeError before issue 9)."""
+
+    def count(self, sample, data_path="", annotation_path="", index=0):
+        if index == 1:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+        return super().count(sample, data_path, annotation_path, index)
+
+
+def test_unexpected_error_is_the_samples_problem_and_counting_goes_on(tokenizer, image_processor, tmp_path):
+    from tools.pack_data import counts_for, resolve_inputs
+
+    annotation = tmp_path / "texts.json"
+    annotation.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"q{k}"},
+                                                         {"from": "gpt", "value": f"a{k}"}]} for k in range(3)]))
+    counter = FailsOnSample1(tokenizer, DataArguments(), vision_config(image_processor), 512)
+    (source,) = resolve_inputs([str(annotation)], "", seed=0)
+    counts, reused, counted = counts_for(source, counter, counter.settings(), str(tmp_path), False, 1)
+    assert (counts[1].kind, counts[1].reason) == (
+        "unexpected_error",
+        "unexpected error: TypeError: TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, "
+        "InputSequence]]")
+    assert counts[0].ok and counts[2].ok and (reused, counted) == (0, 3)
+    cached = json.loads((tmp_path / "texts_count.json").read_text())["counts"]
+    assert cached[1] is None and cached[0] is not None  # never cached: a fixed bug recounts it
+
+
+def test_output_dir_and_registry_file(tiny_model_dir, tmp_path, capsys):
+    import yaml
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    annotation = folder / "texts.jsonl"
+    annotation.write_text("\n".join(json.dumps({"conversations": [{"from": "human", "value": f"q{k}"},
+                                                                   {"from": "gpt", "value": f"a{k}"}]})
+                                    for k in range(4)) + "\n")
+    out = tmp_path / "out"
+    (result,) = main([str(annotation), "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out)])
+    assert result.output == out / "texts_pack.json" and result.output.exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["texts.jsonl"]  # nothing written next to the annotation
+    assert (out / "texts_count.json").exists()
+    printed = capsys.readouterr().out
+    assert "qwenvl/data/__init__.py" not in printed and "paste" not in printed
+    assert (f"    texts_pack:\n      annotation_path: {out / 'texts_pack.json'}\n      data_path: ''\n"
+            "  then train with: --dataset_registry my_registry.yaml --data_packing True --dataset_use texts_pack"
+            ) in printed
+
+    for suffix, load in ((".yaml", yaml.safe_load), (".json", json.loads)):
+        registry_file = tmp_path / f"registry{suffix}"
+        other = {"mine": {"annotation_path": "/data/mine.json", "data_path": "/data"}}
+        registry_file.write_text(json.dumps(other))  # JSON is YAML too
+        for _ in range(2):  # a second run updates the entry in place
+            main([str(annotation), "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
+                  "--data_path", str(folder), "--registry_file", str(registry_file)])
+        assert load(registry_file.read_text()) == {
+            **other, "texts_pack": {"annotation_path": str(out / "texts_pack.json"), "data_path": str(folder)}}
+        assert (f"registered 'texts_pack' in {registry_file}; train with: --dataset_registry {registry_file} "
+                "--data_packing True --dataset_use texts_pack") in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=re.escape("--registry_file should end in .yaml, .yml or .json but found "
+                                                   "'registry.txt'")):
+        main([str(annotation), "--model_name_or_path", str(tiny_model_dir), "--registry_file",
+              str(tmp_path / "registry.txt")])
+
+
+def test_input_named_twice_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match=re.escape(
+            "error: input 'demo_text_only' is given twice ('demo_text_only%50' and 'demo_text_only'): its samples "
+            "would be counted twice; name it once")):
+        main(["demo_text_only%50", "demo_text_only", "--model_name_or_path", str(tiny_model_dir), "--output",
+              str(tmp_path / "x.json")])

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 import qwenvl.data as registry
-from qwenvl.data.data_qwen import BadSampleError, placeholder_batch
+from qwenvl.data.data_qwen import BadSampleError, load_annotations, placeholder_batch
 from qwenvl.train.bad_samples import BadDataError
 from tests.conftest import PYTHON, REPO_ROOT, free_port, python_env
-from tests.data.bad_catalog import write_training_set
+from tests.data.bad_catalog import CASES, ISSUE9_CASES, write_issue9_set, write_training_set
 
 FLAGS = [
     "--dataset_use", "bad_mix_images,bad_mix_text",
@@ -210,3 +210,125 @@ def test_all_bad_micro_batch_has_zero_loss_and_gradients(tiny_model_dir, flatten
     count = trainer._get_num_items_in_batch([batch, batch], "cpu")
     assert int(count) == 1
     assert trainer.training_step(model, dict(batch), num_items_in_batch=count).item() == 0.0
+
+
+# ------------------------------------------------------------------ issue 9 classes
+ISSUE9_FLAGS = ["--dataset_use", "issue9_json,issue9_jsonl", *FLAGS[2:]]
+
+
+@pytest.fixture(scope="module")
+def issue9_set(tmp_path_factory) -> dict[str, dict]:
+    return write_issue9_set(tmp_path_factory.mktemp("issue9"))
+
+
+@pytest.fixture
+def issue9_registered(issue9_set):
+    for name, spec in issue9_set.items():
+        registry.data_dict[name] = {"annotation_path": spec["annotation_path"], "data_path": spec["data_path"]}
+    yield issue9_set
+    for name in issue9_set:
+        registry.data_dict.pop(name, None)
+
+
+def issue9_expected(issue9_set: dict) -> dict[tuple[str, int], tuple[str, str]]:
+    return {(name, index): value for name, spec in issue9_set.items() for index, value in spec["bad"].items()}
+
+
+def test_issue9_classes_are_skipped_counted_and_reported(issue9_registered, tiny_model_dir, tmp_path, capfd):
+    """One run over one sample of each issue-9 class (8 of 18 bad): it finishes, every bad sample is listed."""
+    from qwenvl.train.train_qwen import train
+
+    output = tmp_path / "run"
+    train(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output), "--num_train_epochs", "1",
+           "--dataloader_num_workers", "0", "--bad_sample_threshold", "1", *ISSUE9_FLAGS])
+    expected = issue9_expected(issue9_registered)
+    entries = [json.loads(line) for line in (output / "bad_samples.jsonl").read_text().splitlines()]
+    assert {(e["dataset"], e["index"]): (e["kind"], e["message"]) for e in entries} == expected
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 18  # batch 1: every sample a step, the bad ones as zero-loss placeholders
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 18 and all(math.isfinite(loss) for loss in losses)
+    logged = capfd.readouterr().err
+    for kind, message in expected.values():
+        assert logged.count(f"skipped bad sample ({kind}): {message}\n") == 1, message
+
+
+@pytest.mark.parametrize("case_name", ISSUE9_CASES)
+def test_issue9_error_policy_names_file_index_and_cause(case_name, issue9_registered, tiny_model_dir, tmp_path):
+    """``--bad_sample_policy error``: the run stops at the bad sample with its file, index and real cause."""
+    from qwenvl.train.train_qwen import train
+
+    wanted = message_of(issue9_registered, case_name)
+    (name, index), (kind, message) = next((key, value) for key, value in issue9_expected(issue9_registered).items()
+                                          if value[1] == wanted)
+    spec = issue9_registered[name]
+    # a one-sample file holding only this case, so the first step meets it
+    records = load_annotations(spec["annotation_path"], bad_lines="keep")
+    single = tmp_path / ("single.jsonl" if name == "issue9_jsonl" else "single.json")
+    if name == "issue9_jsonl":
+        single.write_bytes(Path(spec["annotation_path"]).read_bytes().split(b"\n")[index] + b"\n")
+    else:
+        single.write_text(json.dumps([records[index]]))
+    registry.data_dict["issue9_single"] = {"annotation_path": str(single), "data_path": spec["data_path"]}
+    try:
+        with pytest.raises(BadSampleError) as info:
+            train(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "run"),
+                   "--max_steps", "1", "--dataloader_num_workers", "0", "--bad_sample_policy", "error",
+                   "--dataset_use", "issue9_single", *FLAGS[2:]])
+    finally:
+        registry.data_dict.pop("issue9_single", None)
+    assert info.value.kind == kind
+    assert str(info.value) == message.replace(f"{spec['annotation_path']}:{index}:", f"{single}:0:")
+
+
+def message_of(issue9_set: dict, case_name: str) -> str:
+    """The expected message of catalog case ``case_name`` in the issue-9 set."""
+    case = next(c for c in CASES if c.name == case_name)
+    folder = Path(issue9_set["issue9_json"]["data_path"])
+    return next(m for spec in issue9_set.values() for _, m in spec["bad"].values()
+                if m.endswith(": " + case.reason.format(D=folder)))
+
+
+@pytest.mark.parametrize("dataset_use", ["issue9_json,issue9_json", "issue9_json%50,issue9_json%50",
+                                         "issue9_jsonl,issue9_json%50,issue9_json"])
+def test_dataset_named_twice_stops_the_run(dataset_use, issue9_registered, tiny_model_dir, tmp_path):
+    from qwenvl.train.train_qwen import train
+
+    first, second = [s for s in dataset_use.split(",") if s.startswith("issue9_json%") or s == "issue9_json"][:2]
+    for policy in ("skip", "error"):
+        with pytest.raises(ValueError) as info:
+            train(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / policy),
+                   "--max_steps", "1", "--dataloader_num_workers", "0", "--bad_sample_policy", policy,
+                   "--dataset_use", dataset_use, *FLAGS[2:]])
+        assert f"dataset 'issue9_json' is named twice in --dataset_use ({first!r} and {second!r}): each of its " \
+               "samples would be trained twice; name it once (use issue9_json%N to keep N percent)" in str(info.value)
+
+
+@pytest.mark.slow
+def test_issue9_classes_in_a_two_process_run(issue9_set, tiny_model_dir, tmp_path):
+    """2 ranks, 1 epoch over the issue-9 set: no rank dies (the surrogate once killed one), every good sample is
+    trained once, every bad one is skipped, listed once and never reaches the model."""
+    registry_json = tmp_path / "registry.json"
+    registry_json.write_text(json.dumps({name: {"annotation_path": spec["annotation_path"],
+                                                "data_path": spec["data_path"]} for name, spec in issue9_set.items()}))
+    seen_dir, output = tmp_path / "seen", tmp_path / "run"
+    seen_dir.mkdir()
+    command = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(REPO_ROOT / "tests" / "train" / "bad_data_worker.py"), str(registry_json), str(tiny_model_dir),
+               str(seen_dir), "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(output),
+               "--num_train_epochs", "1", "--dataloader_num_workers", "0", "--bad_sample_threshold", "1",
+               "--ddp_backend", "gloo", *ISSUE9_FLAGS]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    batches = [json.loads(line) for path in seen_dir.glob("*.jsonl") for line in path.read_text().splitlines()]
+    assert {b["rank"] for b in batches} == {0, 1}
+    answers = Counter(int(m.group(1)) for b in batches for a in b["answers"]
+                      if (m := re.fullmatch(r"Sample (\d+): a green square\.<\|im_end\|>\n", a)))
+    assert answers == {k: 1 for spec in issue9_set.values() for k in spec["good"].values()}
+    expected = issue9_expected(issue9_set)
+    assert Counter(m for b in batches for m in b["bad"]) == {message: 1 for _, message in expected.values()}
+    entries = [json.loads(line) for line in (output / "bad_samples.jsonl").read_text().splitlines()]
+    assert {(e["dataset"], e["index"]): (e["kind"], e["message"]) for e in entries} == expected
+    for kind, message in expected.values():  # logged once for the whole run, by rank 0
+        assert log.count(f"skipped bad sample ({kind}): {message}\n") == 1, message
