@@ -26,6 +26,8 @@ from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 
 from qwenvl.data.data_qwen import make_supervised_data_module  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
+from qwenvl.models import family_for  # noqa: E402
+from qwenvl.models.loading import load_image_processor, model_class_for  # noqa: E402  (also imported from here)
 import qwenvl.train.attention  # noqa: E402,F401  (registers --attn_implementation sdpa_packed)
 from qwenvl.train.argument import ConfigError, ModelArguments, TrainingArguments, parse_args  # noqa: E402
 from qwenvl.train.bad_samples import BadSampleMonitor, dataset_sizes  # noqa: E402
@@ -45,12 +47,6 @@ from qwenvl.train.tracking import (  # noqa: E402
 
 logger = logging.getLogger("qwenvl")
 
-MODEL_CLASSES = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-}
-
 
 def setup_logging(training_args: TrainingArguments) -> None:
     """Our INFO lines on the main process (warnings only elsewhere); libraries at WARNING.
@@ -66,26 +62,6 @@ def setup_logging(training_args: TrainingArguments) -> None:
     quiet_library_warnings()
 
 
-def model_class_for(config: transformers.PretrainedConfig) -> type:
-    """The model class named by the checkpoint's ``model_type`` (not by its path)."""
-    name = MODEL_CLASSES.get(config.model_type)
-    if name is None:
-        raise ValueError(
-            f"model_type {config.model_type!r} is not supported; expected one of {', '.join(MODEL_CLASSES)}"
-        )
-    return getattr(transformers, name)
-
-
-def load_image_processor(path: str, cache_dir: str | None = None):
-    """The checkpoint's image processor; the PIL backend when torchvision is missing."""
-    try:
-        return transformers.AutoImageProcessor.from_pretrained(path, cache_dir=cache_dir)
-    except (ImportError, ValueError, OSError):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil.from_pretrained(path, cache_dir=cache_dir)
-
-
 def set_trainable(model: torch.nn.Module, model_args: ModelArguments) -> None:
     """Freeze per the tune flags; ``lm_head`` and the embeddings follow ``tune_mm_llm``."""
     wanted = {LLM: model_args.tune_mm_llm, VISION_TOWER: model_args.tune_mm_vision, PROJECTOR: model_args.tune_mm_mlp}
@@ -94,10 +70,17 @@ def set_trainable(model: torch.nn.Module, model_args: ModelArguments) -> None:
 
 
 def load_model(model_args: ModelArguments, training_args: TrainingArguments) -> torch.nn.Module:
+    """The checkpoint's model, its class chosen by its family (from the config's ``model_type``).
+
+    MoE models get the router load-balancing loss on (``--router_aux_loss_coef``, None = the checkpoint's).
+    """
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+    if family_for(config).configure_router_aux_loss(config, training_args.router_aux_loss_coef):
+        logger.info("MoE: router aux loss on, coefficient %g", config.text_config.router_aux_loss_coef)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     model = model_class_for(config).from_pretrained(
         model_args.model_name_or_path,
+        config=config,
         cache_dir=training_args.cache_dir,
         attn_implementation=model_args.attn_implementation,
         dtype=dtype,

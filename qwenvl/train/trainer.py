@@ -13,6 +13,7 @@ from transformers import Trainer
 
 from qwenvl.data.data_qwen import BAD_SAMPLES_KEY
 from qwenvl.train.bad_samples import BadSampleMonitor
+from qwenvl.train.guards import SAMPLE_REFS_KEY, NonFiniteGuard, SampleRefsCollator, WithSampleRefs
 
 logger = logging.getLogger(__name__)
 
@@ -172,29 +173,61 @@ def find_submodule(model: nn.Module, leaf_name: str) -> nn.Module | None:
 
 
 def dummy_vision_input(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """A black (merge x merge)-patch image (28x28 pixels for Qwen2/2.5-VL) for ``visual``.
+    """A black image of one merge window (merge x merge patches) for ``visual``, the vision tower.
+
+    Built from the tower's own config, so it fits every Qwen-VL family alike:
+    28x28 pixels for Qwen2-VL / Qwen2.5-VL (patch 14), 32x32 for Qwen3-VL (patch 16).
+    This is the piece a model-family object owns: a family whose tower takes
+    other inputs overrides it.
+
+    Args:
+        visual: the vision tower (``model.visual``), possibly ZeRO-3 partitioned.
 
     Returns:
-        pixel_values: (merge**2, in_channels * temporal_patch_size * patch_size**2) zeros,
+        pixel_values: (merge**2, in_channels * temporal_patch_size * patch_h * patch_w) zeros,
             in the tower's dtype and device.
         grid_thw: (1, 3) long ``[[1, merge, merge]]``.
+
+    Example:
+        >>> pixel_values, grid_thw = dummy_vision_input(qwen2_5_vl_model.model.visual)
+        >>> tuple(pixel_values.shape), grid_thw.tolist()
+        ((4, 1176), [[1, 2, 2]])
     """
     config = visual.config
-    merge, patch = int(config.spatial_merge_size), int(config.patch_size)
-    features = int(getattr(config, "in_channels", 3)) * int(config.temporal_patch_size) * patch * patch
+    merge = int(config.spatial_merge_size)
+    patch = config.patch_size
+    patch_h, patch_w = (int(patch), int(patch)) if isinstance(patch, int) else (int(patch[0]), int(patch[-1]))
+    features = int(getattr(config, "in_channels", 3)) * int(config.temporal_patch_size) * patch_h * patch_w
     reference = next(visual.parameters())  # right dtype/device even when ZeRO-3 has partitioned it
     pixel_values = torch.zeros(merge * merge, features, dtype=reference.dtype, device=reference.device)
     grid_thw = torch.tensor([[1, merge, merge]], dtype=torch.long, device=reference.device)
     return pixel_values, grid_thw
 
 
-def _sum_floating(output: object) -> torch.Tensor | None:
-    """Sum of every floating tensor in a (nested) model output: touches all of the tower's outputs."""
-    if isinstance(output, torch.Tensor):
-        return output.float().sum() if output.is_floating_point() else None
-    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
-    sums = [s for s in (_sum_floating(v) for v in values) if s is not None]
-    return torch.stack(sums).sum() if sums else None
+def vision_features_for_llm(output: object) -> list[torch.Tensor]:
+    """The outputs of one vision-tower call that the model feeds its LLM, and only those.
+
+    Qwen2-VL / Qwen2.5-VL use ``pooler_output`` (the merger's tokens); Qwen3-VL
+    also the ``deepstack_features`` of its deepstack mergers (added to the first
+    LLM layers' hidden states). ``last_hidden_state`` (the tower before the
+    merger) is not used by any of them. A dummy pass must use exactly these: a
+    tensor the real path leaves unused would give the tower one more backward
+    entry point than a real pass has (DeepSpeed ZeRO-3 traces every one).
+
+    Args:
+        output: what ``visual(pixel_values, grid_thw=...)`` returned.
+
+    Returns:
+        the tensors, ``pooler_output`` first.
+
+    Raises:
+        TypeError: the output has no ``pooler_output`` (an unknown tower).
+    """
+    pooled = getattr(output, "pooler_output", None)
+    if not isinstance(pooled, torch.Tensor):
+        raise TypeError(f"the vision tower returned {type(output).__name__} without a pooler_output tensor; "
+                        "a model family with another tower must say which of its outputs reach the LLM")
+    return [pooled, *(getattr(output, "deepstack_features", None) or [])]
 
 
 class QwenVLTrainer(Trainer):
@@ -211,11 +244,10 @@ class QwenVLTrainer(Trainer):
 
         With several ranks, a rank whose micro-batch has no images (or no videos)
         skips the model's image (video) pass through the vision tower while its
-        peers run it. DDP then waits for gradients of the tower that never come,
-        and ZeRO-3 gathers the tower's weights on some ranks only; both hang or
-        mix up collectives. One dummy pass per missing modality makes every rank
-        call the tower exactly twice, in the same place (after the embeddings,
-        before the LLM layers), so the ZeRO-3 gathers line up too.
+        peers run it. DDP then waits for gradients of the tower that never come;
+        ZeRO-3 and FSDP gather the tower's weights on some ranks only. One dummy
+        pass per missing modality makes every rank call the tower exactly twice
+        (see ``compute_loss`` for where).
 
         On a single process the same passes are what keeps an all-text batch
         differentiable when only the merger (or the tower) trains: without them
@@ -223,16 +255,17 @@ class QwenVLTrainer(Trainer):
 
         Returns:
             0 when the batch has both images and videos, when the tower neither
-            trains nor is ZeRO-3 partitioned, or on a single process whose LLM
+            trains nor is sharded (ZeRO-3, FSDP), or on a single process whose LLM
             trains; else the number of missing modalities (1 or 2).
         """
         missing = sum(inputs.get(key) is None for key in ("pixel_values", "pixel_values_videos"))
         if not missing:
             return 0
         if self._vision_needs_sync is None:
-            # ZeRO-3 gathers frozen weights too (every forward), so a partitioned frozen tower needs it as well.
+            # ZeRO-3 and FSDP gather frozen weights too (every forward): a sharded frozen tower needs it as well.
             params = [(classify_parameter(name), param) for name, param in model.named_parameters()]
-            self._vision_needs_sync = any(p.requires_grad or hasattr(p, "ds_id") for kind, p in params if kind != LLM)
+            self._vision_needs_sync = self.is_fsdp_enabled or any(
+                p.requires_grad or hasattr(p, "ds_id") for kind, p in params if kind != LLM)
             self._llm_trains = any(p.requires_grad for kind, p in params if kind == LLM)
         if self.args.world_size <= 1 and self._llm_trains:
             return 0
@@ -245,47 +278,106 @@ class QwenVLTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        """The model's loss, plus ``0 x`` dummy vision outputs on ranks whose batch lacks images or videos.
+        """The model's loss; ranks whose batch lacks images or videos run dummy tower passes in its forward.
 
-        The dummy passes run inside the model's own forward (hooks), so DDP sees
-        the tower's parameters used in forward, with ``find_unused_parameters``
-        on or off. The loss value and the gradients are unchanged. Skipped bad
-        samples listed in the batch are recorded first (``record_bad_samples``).
+        Where the dummies run decides whether the ranks stay in step. The model
+        embeds the text, calls the tower for images, then for videos, then calls
+        ``language_model(inputs_embeds=...)``. DeepSpeed ZeRO-3 records the
+        sequence of modules every rank enters in forward and in backward (each
+        entry fetches weights with a collective) and requires it to be the same
+        on every rank and every step. So the dummies run in a forward PRE-hook on
+        ``language_model`` registered ahead of all others (``prepend=True``, before
+        ZeRO-3's own fetch hook), and their outputs enter the graph where the real
+        ones do: ``inputs_embeds + 0 x sum(features)``. Every rank then enters
+        ``embed_tokens, visual, visual, language_model, ...`` in forward, and, as
+        autograd runs the newest nodes first, ``..., language_model, visual,
+        visual, embed_tokens`` in backward, whatever its batch holds. Only the
+        features the LLM consumes are used (``vision_features_for_llm``).
+
+        Because the hook runs inside the model's forward, DDP sees the tower's
+        parameters used, with ``find_unused_parameters`` on or off. The loss value
+        and the gradients are unchanged (``x + 0.0 == x``; the tower's dummy
+        gradients are 0). Skipped bad samples listed in the batch are recorded
+        first (``record_bad_samples``); the batch's ``sample_refs`` are popped and,
+        with the loss, handed to the ``NonFiniteGuard`` callbacks (qwenvl/train/guards.py).
+
+        Raises:
+            RuntimeError: the model has a vision tower but no ``language_model``
+                called with ``inputs_embeds=`` (not a Qwen-VL layout).
         """
         self.record_bad_samples(inputs)
+        refs = inputs.pop(SAMPLE_REFS_KEY, None)
+        result = self._loss_with_vision_sync(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            loss = result[0] if return_outputs else result
+            for guard in self.callback_handler.callbacks:
+                if isinstance(guard, NonFiniteGuard):
+                    guard.record(loss, refs)
+        return result
+
+    def _loss_with_vision_sync(self, model: nn.Module, inputs: dict, return_outputs: bool,
+                               num_items_in_batch: torch.Tensor | int | None):
+        """``Trainer.compute_loss`` with the dummy vision passes ``compute_loss`` describes."""
         calls = self.dummy_vision_calls(model, inputs)
         host = self.accelerator.unwrap_model(model) if calls else None
         visual = find_submodule(host, "visual") if calls else None
         if visual is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        # The model embeds the text, runs the tower on images and videos, then the LLM: run the dummies there.
-        trigger = find_submodule(host, "language_model") or host
-        dummy_sums: list[torch.Tensor] = []
+        language_model = find_submodule(host, "language_model")
+        if language_model is None:
+            raise RuntimeError(f"{type(host).__name__} has a vision tower but no language_model submodule: "
+                               "the dummy vision passes that keep ranks in step have nowhere to run")
+        done: list[bool] = []
 
-        def run_dummies(module: nn.Module, args: tuple) -> None:
-            if not dummy_sums:
-                pixel_values, grid_thw = dummy_vision_input(visual)
-                for _ in range(calls):
-                    dummy_sums.append(_sum_floating(visual(pixel_values, grid_thw=grid_thw)))
+        def run_dummies(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if done:
+                return args, kwargs
+            done.append(True)
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None:
+                raise RuntimeError(f"{type(module).__name__} was called without inputs_embeds=: cannot attach the "
+                                   "dummy vision features where the real ones go")
+            pixel_values, grid_thw = dummy_vision_input(visual)
+            features = [f for _ in range(calls) for f in vision_features_for_llm(visual(pixel_values,
+                                                                                          grid_thw=grid_thw))]
+            zero = 0.0 * torch.stack([f.float().sum() for f in features]).sum()
+            kwargs["inputs_embeds"] = embeds + zero.to(embeds.dtype)
+            return args, kwargs
 
-        def add_zero(module: nn.Module, args: tuple, output):
-            if not dummy_sums:
-                return output
-            zero = 0.0 * torch.stack(dummy_sums).sum()
-            if isinstance(output, dict):
-                key = "loss" if output.get("loss") is not None else "logits"
-                output[key] = output[key] + zero.to(output[key].dtype)
-                return output
-            return (output[0] + zero.to(output[0].dtype),) + tuple(output[1:])
-
-        handles = [trigger.register_forward_pre_hook(run_dummies), host.register_forward_hook(add_zero)]
+        handle = language_model.register_forward_pre_hook(run_dummies, with_kwargs=True, prepend=True)
         try:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         finally:
-            for handle in handles:
-                handle.remove()
+            handle.remove()
+
+    def add_non_finite_guard(self) -> NonFiniteGuard:
+        """Add a ``NonFiniteGuard``: the run stops (on every rank) at the first step whose loss or gradient
+        norm is not finite, naming the step and its samples, and never saves non-finite weights.
+
+        Returns:
+            the guard (already in ``self.callback_handler``).
+        """
+        guard = NonFiniteGuard(self)
+        self.add_callback(guard)
+        return guard
+
+    def get_train_dataloader(self):
+        """The Trainer's training dataloader, whose batches also list their samples (``batch["sample_refs"]``).
+
+        Only for datasets that know their samples (``refs``: ``LazySupervisedDataset``,
+        ``PackedSupervisedDataset``); the refs let ``NonFiniteGuard`` name the samples
+        of a step whose loss is not finite. ``compute_loss`` pops them before the model.
+        """
+        dataset, collator = self.train_dataset, self.data_collator
+        if getattr(dataset, "refs", None) is None:
+            return super().get_train_dataloader()
+        self.train_dataset, self.data_collator = WithSampleRefs(dataset), SampleRefsCollator(collator)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset, self.data_collator = dataset, collator
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is not None:

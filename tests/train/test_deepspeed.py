@@ -1,10 +1,11 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 / ZeRO-3 offload under torchrun (2 CPU processes, gloo), and the config checks.
 
 The slow test trains the tiny model with each shipped config in one torchrun
-launch (tests/train/deepspeed_worker.py) and checks that the runs finish, that
-the optimizer that steps is DeepSpeed's with the per-module groups and LRs,
-that the LRs act (vision_tower_lr 0 leaves the trainable tower bit-identical),
-and that the saved folders load with from_pretrained.
+launch (tests/train/deepspeed_worker.py), on text-only and image samples mixed
+(tests/train/test_rank_sync.py compares such runs with one process), and checks
+that the runs finish, that the optimizer that steps is DeepSpeed's with the
+per-module groups and LRs, that the LRs act (vision_tower_lr 0 leaves the
+trainable tower bit-identical), and that the saved folders load with from_pretrained.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from qwenvl.train.distributed import OptimizerGroupsCallback, check_deepspeed_co
 from qwenvl.train.train_qwen import train
 from tests.conftest import PYTHON, REPO_ROOT, free_port, python_env
 
+# Text-only and image samples mixed (ranks hold different media at most steps, as in nearly every real dataset),
+# and 4 steps: ZeRO-3 records its module trace in step 1 and holds every rank to it from step 2 on.
+DATASETS, STEPS = "demo_single_image,demo_text_only", 4
 CONFIGS = {"zero2": "scripts/zero2.json", "zero3": "scripts/zero3.json", "offload": "scripts/zero3_offload.json"}
 LR, PROJECTOR_LR, VISION_LR, WD = 1e-3, 2e-3, 0.0, 0.1
 EXPECTED_GROUPS = [  # (name, lr, weight decay), in optimizer order
@@ -80,7 +84,8 @@ def test_train_refuses_an_optimizer_section_before_loading_the_model(tiny_model_
     path.write_text(json.dumps(read_config("scripts/zero2.json") | {"optimizer": {"type": "Adam", "params": {}}}))
     with pytest.raises(ValueError, match=f'DeepSpeed config {re.escape(str(path))} has an "optimizer" section'):
         train(["--model_name_or_path", str(tiny_model_dir), "--dataset_use", "demo_single_image", "--output_dir",
-               str(tmp_path / "out"), "--deepspeed", str(path), "--use_cpu", "True", "--report_to", "none"])
+               str(tmp_path / "out"), "--deepspeed", str(path), "--use_cpu", "True", "--report_to", "none",
+               "--tune_mm_llm", "True"])
 
 
 def test_groups_callback_raises_when_the_groups_were_replaced():
@@ -99,14 +104,14 @@ def test_groups_callback_raises_when_the_groups_were_replaced():
 # ------------------------------------------------------------ torchrun, 2 procs
 @pytest.fixture(scope="module")
 def deepspeed_runs(tiny_model_dir, tmp_path_factory):
-    """One torchrun launch (2 CPU processes): a 3-step full fine-tune per DeepSpeed config."""
+    """One torchrun launch (2 CPU processes): a 4-step full fine-tune on mixed media per DeepSpeed config."""
     root = tmp_path_factory.mktemp("deepspeed")
     command = [
         PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "tests/train/deepspeed_worker.py", str(root), *(f"{name}={path}" for name, path in CONFIGS.items()), "--",
-        "--model_name_or_path", str(tiny_model_dir), "--dataset_use", "demo_single_image",
+        "--model_name_or_path", str(tiny_model_dir), "--dataset_use", DATASETS,
         "--tune_mm_llm", "True", "--tune_mm_mlp", "True", "--tune_mm_vision", "True",
-        "--max_steps", "3", "--per_device_train_batch_size", "1", "--learning_rate", str(LR),
+        "--max_steps", str(STEPS), "--per_device_train_batch_size", "1", "--learning_rate", str(LR),
         "--mm_projector_lr", str(PROJECTOR_LR), "--vision_tower_lr", str(VISION_LR), "--weight_decay", str(WD),
         "--max_pixels", "64*28*28", "--min_pixels", "4*28*28", "--model_max_length", "1024",
         "--logging_steps", "1", "--save_steps", "2", "--report_to", "none", "--attn_implementation", "sdpa",
@@ -154,7 +159,7 @@ def test_runs_finish_and_save_models_that_load(deepspeed_runs, tiny_model_dir, n
             assert not changed, f"{key}: vision_tower_lr is 0, so the (trainable) tower must not move"
     assert any(not torch.equal(trained[k], base[k]) for k in base if ".visual.merger." in k)
     assert not torch.equal(trained["lm_head.weight"], base["lm_head.weight"])
-    assert len(losses(output)) == 3
+    assert len(losses(output)) == STEPS
 
 
 @pytest.mark.slow
