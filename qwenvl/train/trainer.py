@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from qwenvl.data.data_qwen import BAD_SAMPLES_KEY
 from qwenvl.train.bad_samples import BadSampleMonitor
@@ -378,6 +379,20 @@ class QwenVLTrainer(Trainer):
             return super().get_train_dataloader()
         finally:
             self.train_dataset, self.data_collator = dataset, collator
+
+    def _get_train_sampler(self, train_dataset=None):
+        """``--train_sampling_strategy group_by_length`` (``--group_by_length``) from the dataset's ``lengths``.
+
+        transformers' own path measures each sample by building it (``dataset[i]``, images decoded and
+        all): hours at a million samples. Our datasets know every sample's length from its record
+        (``LazySupervisedDataset.lengths``, ``PackedSupervisedDataset.lengths``) without building any.
+        """
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        lengths = getattr(dataset, "lengths", None) if self.args.train_sampling_strategy == "group_by_length" else None
+        if lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=list(lengths))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is not None:
