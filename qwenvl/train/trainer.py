@@ -308,13 +308,27 @@ class QwenVLTrainer(Trainer):
         """
         self.record_bad_samples(inputs)
         refs = inputs.pop(SAMPLE_REFS_KEY, None)
-        result = self._loss_with_vision_sync(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = self._loss_with_vision_sync(model, inputs, True, num_items_in_batch)
         if model.training:
-            loss = result[0] if return_outputs else result
             for guard in self.callback_handler.callbacks:
                 if isinstance(guard, NonFiniteGuard):
                     guard.record(loss, refs)
-        return result
+            aux = outputs.get("aux_loss") if isinstance(outputs, dict) else getattr(outputs, "aux_loss", None)
+            if aux is not None:  # MoE router load-balancing loss (already inside the loss, times its coefficient)
+                self.__dict__.setdefault("_aux_losses", []).append(aux.detach().float())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """The Trainer's log, plus ``aux_loss``: the MoE router loss averaged since the last log, over all ranks.
+
+        Every rank calls ``log`` at a logging step, so the mean is reduced across them.
+        """
+        pending = self.__dict__.get("_aux_losses")
+        if "loss" in logs and pending:
+            mean = torch.stack(pending).mean()
+            logs["aux_loss"] = round(float(self.accelerator.reduce(mean, reduction="mean")), 6)
+            pending.clear()
+        super().log(logs, *args, **kwargs)
 
     def _loss_with_vision_sync(self, model: nn.Module, inputs: dict, return_outputs: bool,
                                num_items_in_batch: torch.Tensor | int | None):
