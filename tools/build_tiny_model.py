@@ -208,7 +208,8 @@ def build_tiny_model(output_dir: str | Path, model_type: str = "qwen2_5_vl", see
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--output_dir", required=True, help="folder to write the checkpoint to")
     parser.add_argument("--model_type", default="qwen2_5_vl", choices=MODEL_TYPES)
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")

@@ -163,6 +163,13 @@ class TrainingArguments(transformers.TrainingArguments):
                                                                  "vision blocks never are)."})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "LR of the merger (None: learning_rate)."})
     vision_tower_lr: float | None = field(default=None, metadata={"help": "LR of the vision tower (None: learning_rate)."})
+    loss_impl: str = field(
+        default="auto",
+        metadata={"help": "Training loss: auto (Liger's fused linear cross-entropy on CUDA with liger-kernel, else "
+                          "chunked), chunked (plain PyTorch, never holds the full logits), liger, or model (the "
+                          "model's own, full logits). Evaluation always uses the model's own.",
+                  "choices": ["auto", "chunked", "liger", "model"]},
+    )
     router_aux_loss_coef: float | None = field(
         default=None,
         metadata={"help": "MoE models (Qwen3-VL-30B-A3B): weight of the router load-balancing loss added to the "
@@ -218,6 +225,17 @@ class TrainingArguments(transformers.TrainingArguments):
 
     def __post_init__(self) -> None:
         self.legacy_notes: list[str] = []
+        if self.loss_impl not in ("auto", "chunked", "liger", "model"):
+            raise ValueError(f"--loss_impl should be one of auto, chunked, liger or model but found {self.loss_impl!r}")
+        if self.use_liger_kernel:
+            # The Trainer applies Liger's kernels; its fused-loss forward would replace the model's forward and
+            # bring the full logits back, so that part is ours (qwenvl/train/loss.py) and the rest is Liger's.
+            if self.loss_impl not in ("auto", "liger"):
+                raise ValueError(f"--use_liger_kernel with --loss_impl {self.loss_impl}: the fused loss is Liger's; "
+                                 "drop one of them")
+            self.loss_impl = "liger"
+            self.liger_kernel_config = {**(self.liger_kernel_config or {}), "fused_linear_cross_entropy": False,
+                                        "cross_entropy": False}
         self._translate_legacy_flags()
         self.deepspeed = _resolve_config_path(self.deepspeed, "--deepspeed")
         self.fsdp_config = _resolve_config_path(self.fsdp_config, "--fsdp_config")

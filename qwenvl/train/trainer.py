@@ -15,6 +15,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from qwenvl.data.data_qwen import BAD_SAMPLES_KEY
 from qwenvl.train.bad_samples import BadSampleMonitor
 from qwenvl.train.guards import SAMPLE_REFS_KEY, NonFiniteGuard, SampleRefsCollator, WithSampleRefs
+from qwenvl.train.loss import compute_lm_loss, select_loss_impl
 
 logger = logging.getLogger(__name__)
 
@@ -337,8 +338,7 @@ class QwenVLTrainer(Trainer):
         host = self.accelerator.unwrap_model(model) if calls else None
         visual = find_submodule(host, "visual") if calls else None
         if visual is None:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return self._loss(model, inputs, return_outputs, num_items_in_batch)
         language_model = find_submodule(host, "language_model")
         if language_model is None:
             raise RuntimeError(f"{type(host).__name__} has a vision tower but no language_model submodule: "
@@ -362,10 +362,38 @@ class QwenVLTrainer(Trainer):
 
         handle = language_model.register_forward_pre_hook(run_dummies, with_kwargs=True, prepend=True)
         try:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return self._loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             handle.remove()
+
+    _training_loss: str | None = None  # resolved on the first training step, on the wrapped model
+
+    def _loss(self, model: nn.Module, inputs: dict, return_outputs: bool,
+              num_items_in_batch: torch.Tensor | int | None):
+        """Training: the loss from the last hidden states, never the full logits (``--loss_impl``,
+        qwenvl/train/loss.py: Liger's fused linear cross-entropy on CUDA, else a chunked one); evaluation,
+        prediction and the fallbacks ``select_loss_impl`` names: the model's own loss.
+
+        Same value and gradients as the model's own loss, ``num_items_in_batch`` averaging included
+        (tests/train/test_loss.py).
+        """
+        if model.training and self._training_loss is None:
+            if self.label_smoother is not None or self.compute_loss_func is not None:
+                self._training_loss, reason = "model", "label smoothing / compute_loss_func need the logits"
+            else:
+                self._training_loss, reason = select_loss_impl(model, getattr(self.args, "loss_impl", "auto"))
+            logger.info("training loss: %s (%s)", self._training_loss, reason)
+        if not model.training or self._training_loss == "model":
+            inputs.pop("skip_logits", None)  # set by the Trainer for liger-patched models only
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        loss, outputs = compute_lm_loss(model, inputs, num_items_in_batch, impl=self._training_loss)
+        if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
+                and num_items_in_batch is not None):
+            # As Trainer.compute_loss: gradients are averaged over ranks, the item count is global.
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
 
     def add_non_finite_guard(self) -> NonFiniteGuard:
         """Add a ``NonFiniteGuard``: the run stops (on every rank) at the first step whose loss or gradient
