@@ -7,8 +7,10 @@ image part, measured in the same run.
 
     python bench/data_pipeline.py [--samples 200] [--size 640x640]
 
-The last line does the same for the demo video samples (decord, or the backend
-QWENVL_VIDEO_BACKEND names).
+The video line does the same for the demo video samples (decord, or the backend
+QWENVL_VIDEO_BACKEND names). The last table compares the families: ``dataset[i]`` of the
+same image and video samples under Qwen2.5-VL and Qwen3-VL (each with its tiny checkpoint's
+processor config, the same pixel flags), per sample and per token.
 """
 
 from __future__ import annotations
@@ -52,6 +54,38 @@ def timed(fn, repeat: int) -> tuple[float, object]:
         result = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+def family_rows(tmp_path: Path, rounds: int) -> list[tuple[str, str, float, float]]:
+    """(family, samples, ms per sample, tokens per sample) of ``dataset[i]`` for Qwen2.5-VL and Qwen3-VL."""
+    from transformers import AutoTokenizer
+
+    from qwenvl.data.data_qwen import LazySupervisedDataset
+    from qwenvl.data.vision import VisionConfig
+    from qwenvl.models import family_for
+    from qwenvl.models.loading import load_image_processor
+    from qwenvl.train.argument import DataArguments
+    from tools.build_tiny_model import build_tiny_model
+
+    rows = []
+    for model_type in ("qwen2_5_vl", "qwen3_vl"):
+        folder = build_tiny_model(tmp_path / f"family_{model_type}", model_type=model_type)
+        family = family_for(model_type)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        for label, use in (("image", "bench_images"), ("video", "demo_video")):
+            args = DataArguments(dataset_use=use)
+            cfg = VisionConfig.from_image_processor(load_image_processor(str(folder)), args.min_pixels,
+                                                    args.max_pixels)
+            dataset = LazySupervisedDataset(tokenizer, args, cfg, model_max_length=16384, family=family,
+                                            vision_settings=family.vision_settings(folder))
+            dataset[0]
+            repeat = rounds if label == "video" else 1
+            start = time.perf_counter()
+            tokens = sum(len(dataset[i]["input_ids"]) for _ in range(repeat) for i in range(len(dataset)))
+            seconds = time.perf_counter() - start
+            count = repeat * len(dataset)
+            rows.append((model_type, label, seconds / count * 1e3, tokens / count))
+    return rows
 
 
 def main() -> None:
@@ -135,6 +169,7 @@ def main() -> None:
             for clip, folder in clips:
                 load_video(clip, folder, video_dataset.data_args, cfg)
         video_load = (time.perf_counter() - start) / (rounds * len(clips))
+        families = family_rows(tmp_path, rounds)
 
     print(f"{len(lengths)} samples, {width}x{height} JPEG, max_pixels {data_args.max_pixels}, "
           f"median {int(statistics.median(lengths))} tokens, torch threads 1\n")
@@ -155,6 +190,10 @@ def main() -> None:
           f"dataset[i] {video_item * 1e3:.2f} ms ({1 / video_item:.1f} samples/s); load_video {video_load * 1e3:.2f} ms "
           f"per clip ({1 / video_load:.1f} clips/s, {100 * video_load * len(clips) / len(video_dataset) / video_item:.0f}% "
           f"of dataset[i])")
+    print("\n| family     | samples | ms / sample | tokens / sample | us / token |")
+    print("|------------|---------|-------------|-----------------|------------|")
+    for model_type, label, ms, tokens in families:
+        print(f"| {model_type:<10} | {label:<7} | {ms:11.2f} | {tokens:15.0f} | {ms * 1e3 / tokens:10.2f} |")
 
 
 if __name__ == "__main__":

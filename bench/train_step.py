@@ -133,6 +133,8 @@ def build_model(shape: str, tiny_dir: str | None, device: str, dtype: Any, attn:
     import torch
     import transformers
 
+    import qwenvl.train.attention  # noqa: F401  (registers sdpa_packed)
+
     config = build_config(shape, tiny_dir)
     config.use_cache = False
     config.get_text_config().use_cache = False
@@ -384,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (GPU: allocator, kernels)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    parser.add_argument("--attn", default=None, help="attention implementation (default: flash_attention_2 when "
+                        "installed, else sdpa_packed, as training; also sdpa, eager)")
     parser.add_argument("--checkpointing", default=None, choices=("on", "off"),
                         help="activation checkpointing (default: on for real shapes, off for tiny)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per row")
@@ -407,6 +410,10 @@ def main(argv: list[str] | None = None) -> None:
     shapes = (args.shapes or ("tiny" if not cuda else ",".join(SHAPES))).split(",")
     losses = (args.losses or ("model,chunked" + (",liger" if cuda and liger_available() else ""))).split(",")
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    if args.attn is None:
+        from qwenvl.train.argument import _default_attn
+
+        args.attn = _default_attn()
     peak_tflops = args.peak_tflops
     if cuda and peak_tflops is None:
         name = torch.cuda.get_device_name()

@@ -31,6 +31,30 @@ def tiny_qwen2_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_model_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen3-VL (dense) checkpoint folder."""
+    from tools.build_tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_vl"), model_type="qwen3_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_model_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen3-VL MoE checkpoint folder."""
+    from tools.build_tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_vl_moe"), model_type="qwen3_vl_moe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(request: pytest.FixtureRequest) -> dict[str, Path]:
+    """One tiny checkpoint folder per family (model_type -> folder), each built once per session."""
+    names = {"qwen2_vl": "tiny_qwen2_model_dir", "qwen2_5_vl": "tiny_model_dir", "qwen3_vl": "tiny_qwen3_model_dir",
+             "qwen3_vl_moe": "tiny_qwen3_moe_model_dir"}
+    return {model_type: request.getfixturevalue(name) for model_type, name in names.items()}
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -39,7 +63,7 @@ def tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def image_processor(tiny_model_dir):
-    from qwenvl.train.train_qwen import load_image_processor
+    from qwenvl.models.loading import load_image_processor
 
     return load_image_processor(str(tiny_model_dir))
 

@@ -53,6 +53,7 @@ from qwenvl.data.vision import VisionConfig  # noqa: E402
 from tools.common import (  # noqa: E402
     Source,
     add_media_flags,
+    load_checkpoint,
     add_policy_flag,
     check_distinct_inputs,
     media_data_args,
@@ -249,20 +250,16 @@ def format_table(results: Sequence[CheckResult]) -> str:
 def load_validator(args: argparse.Namespace) -> SampleValidator:
     """The validator the flags describe: training's pixel/frame limits, the model's geometry and tokenizer."""
     data_args = media_data_args(args)
-    tokenizer = None
+    tokenizer = family = settings = None
     if args.model_name_or_path:
-        from transformers import AutoTokenizer
-
-        from qwenvl.train.train_qwen import load_image_processor
-
-        processor = load_image_processor(args.model_name_or_path)
-        vision_config = VisionConfig.from_image_processor(processor, data_args.min_pixels, data_args.max_pixels)
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+        checkpoint = load_checkpoint(args.model_name_or_path, data_args)
+        tokenizer, vision_config = checkpoint.tokenizer, checkpoint.vision_config
+        family, settings = checkpoint.family, checkpoint.settings
     else:
         vision_config = VisionConfig(min_pixels=int(data_args.min_pixels), max_pixels=int(data_args.max_pixels))
     return SampleValidator(vision_config, data_args, tokenizer,
                            model_max_length=args.model_max_length if tokenizer is not None else None,
-                           io_retries=args.io_retries)
+                           io_retries=args.io_retries, family=family, settings=settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from qwenvl.data import data_dict, data_list, parse_sampling_rate
+from qwenvl.data.vision import VisionConfig
+from qwenvl.models import ModelFamily, VisionSettings, family_for
+from qwenvl.models.base import read_json
+from qwenvl.models.loading import load_image_processor
 from qwenvl.train.argument import DataArguments, PixelCount
 
 # DataArguments flags that change how media become tokens; the tools take them with training's names and defaults.
 MEDIA_FLAGS = ("max_pixels", "min_pixels", "base_interval", "video_max_frames", "video_min_frames",
-               "video_max_frame_pixels", "video_min_frame_pixels")
+               "video_max_frame_pixels", "video_min_frame_pixels", "video_fps", "video_max_pixels", "video_min_pixels")
 _FLAG_TYPES = {"PixelCount": PixelCount, "int": int, "float": float}
 
 
@@ -26,6 +30,7 @@ def add_media_flags(parser: argparse.ArgumentParser) -> None:
         spec = fields[name]
         # A string under `from __future__ import annotations`, the class once HfArgumentParser resolved it.
         type_name = spec.type if isinstance(spec.type, str) else spec.type.__name__
+        type_name = type_name.removesuffix(" | None")  # optional flags: None = the checkpoint's value
         help_text = spec.metadata.get("help", "").replace("%", "%%")
         parser.add_argument(f"--{name}", type=_FLAG_TYPES[type_name], default=spec.default,
                             help=f"as in training (default {spec.default}){'; ' + help_text if help_text else ''}")
@@ -34,6 +39,40 @@ def add_media_flags(parser: argparse.ArgumentParser) -> None:
 def media_data_args(args: argparse.Namespace) -> DataArguments:
     """The ``DataArguments`` of the parsed media flags (validated as training validates them)."""
     return DataArguments(**{name: getattr(args, name) for name in MEDIA_FLAGS})
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the tools need from a model folder to build samples exactly as training does."""
+
+    tokenizer: Any
+    vision_config: VisionConfig
+    family: ModelFamily
+    settings: VisionSettings
+
+
+def load_checkpoint(path: str, data_args: DataArguments) -> Checkpoint:
+    """Tokenizer, image geometry (with the pixel flags), family and processor settings of a model folder.
+
+    Args:
+        path (str): the checkpoint folder (``config.json``, tokenizer, ``preprocessor_config.json``).
+        data_args (DataArguments): the media flags (``--min_pixels``/``--max_pixels`` are applied).
+
+    Returns:
+        Checkpoint: what ``TokenCounter`` and ``SampleValidator`` take.
+
+    Raises:
+        ValueError: the folder has no ``config.json`` or its model type is not supported.
+    """
+    from transformers import AutoTokenizer
+
+    config = read_json(Path(path) / "config.json")
+    if config is None:
+        raise ValueError(f"{path}: no config.json; --model_name_or_path must be a Qwen-VL checkpoint folder")
+    family = family_for(config)
+    processor = load_image_processor(path)
+    vision_config = VisionConfig.from_image_processor(processor, data_args.min_pixels, data_args.max_pixels)
+    return Checkpoint(AutoTokenizer.from_pretrained(path), vision_config, family, family.vision_settings(path))
 
 
 def looks_like_file(name: str) -> bool:

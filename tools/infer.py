@@ -2,8 +2,8 @@
 
 The folder is what ``train_qwen.py`` wrote: a full checkpoint, or a LoRA
 adapter (``adapter_config.json``) that is loaded on its base model and merged.
-Prompts are built by the same code that builds training samples (``ChatEncoder``,
-``process_image``, ``load_video``, ``rope2d``), ending with the assistant prefix
+Prompts are built by the same code that builds training samples (``encode_sample``,
+``process_image``, ``load_video_plan``, the family's position ids), ending with the assistant prefix
 the chat template adds for generation, so the model sees at inference exactly
 the format it was trained on (AutoProcessor is not needed: it does not load
 without torchvision). Decoding is greedy.
@@ -37,19 +37,21 @@ if str(_REPO_ROOT) not in sys.path:  # `python tools/infer.py` from a checkout
     sys.path.insert(0, str(_REPO_ROOT))
 
 from qwenvl.data import data_list  # noqa: E402
-from qwenvl.data.data_qwen import (  # noqa: E402
+from qwenvl.data.chat import (  # noqa: E402
     IMAGE_TAG,
     ChatEncoder,
     Conversation,
-    _rope_function,
     load_annotations,
     parse_conversation,
     sample_images,
     sample_indices,
     sample_videos,
 )
+from qwenvl.data.video import load_video_plan  # noqa: E402
 from qwenvl.data.vision import VisionConfig, num_vision_tokens, open_image, process_image  # noqa: E402
-from qwenvl.train.argument import DataArguments  # noqa: E402
+from qwenvl.models import VisionSettings, family_for  # noqa: E402
+from qwenvl.models.loading import load_image_processor  # noqa: E402
+from qwenvl.train.argument import DataArguments, PixelCount  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,25 +77,26 @@ class Predictor:
     """A fine-tuned model with its tokenizer and image settings, ready to answer.
 
     Args:
-        model: a loaded Qwen2-VL / Qwen2.5-VL model.
+        model: a loaded Qwen-VL model (any registered family).
         tokenizer: its tokenizer.
         vision_config: patch geometry, normalisation and pixel limits.
         data_args: video frame sampling (``DataArguments`` fields).
+        settings: the checkpoint's processor settings (Qwen3-VL video defaults); None = released ones.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, vision_config: VisionConfig,
-                 data_args: DataArguments | None = None):
+                 data_args: DataArguments | None = None, settings: VisionSettings | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.vision_config = vision_config
         self.data_args = data_args or DataArguments(min_pixels=vision_config.min_pixels,
                                                     max_pixels=vision_config.max_pixels)
-        self.encoder = ChatEncoder(tokenizer)
-        self.model_type = model.config.model_type
-        self.rope_fn = _rope_function(self.model_type)
+        self.family = family_for(model.config)
+        self.settings = settings
+        self.encoder = ChatEncoder(tokenizer, self.family)
         self.tokens_per_second = getattr(model.config.vision_config, "tokens_per_second", 2)
         self.generation_prefix = np.asarray(
-            tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"], dtype=np.int64)
+            tokenizer(self.family.generation_prompt(), add_special_tokens=False)["input_ids"], dtype=np.int64)
         eos = model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.encoder.im_end_id}
 
@@ -124,7 +127,6 @@ class Predictor:
         from transformers import AutoTokenizer
 
         from qwenvl.train.lora import base_model_of, is_lora_folder, load_finetuned
-        from qwenvl.models.loading import load_image_processor
 
         path = Path(path)
         model = load_finetuned(path, base_model=base_model, dtype=dtype, attn_implementation=attn_implementation)
@@ -140,7 +142,8 @@ class Predictor:
         saved_max = getattr(processor, "max_pixels", None) or size.get("longest_edge")
         vision_config = VisionConfig.from_image_processor(processor, int(min_pixels or saved_min),
                                                           int(max_pixels or saved_max))
-        return cls(model, tokenizer, vision_config)
+        settings = family_for(model.config).vision_settings(processor_dir)
+        return cls(model, tokenizer, vision_config, settings=settings)
 
     def encode_prompt(
         self,
@@ -170,42 +173,48 @@ class Predictor:
             raise ValueError("the prompt must end with a user turn")
         cfg = self.vision_config
         image_parts = [process_image(open_image(source, data_path), cfg) for source in images]
-        video_parts = []
-        if videos:
-            from qwenvl.data.video import load_video
-
-            video_parts = [load_video(source, data_path, self.data_args, cfg) for source in videos]
-        ids, _ = self.encoder.encode(
-            conversation,
-            [num_vision_tokens(grid, cfg.merge_size) for _, grid in image_parts],
-            [num_vision_tokens(grid, cfg.merge_size) for _, grid, _ in video_parts],
-        )
+        video_parts = [load_video_plan(source, data_path, self.data_args, cfg, family=self.family,
+                                       settings=self.settings) for source in videos]
+        plans = [plan for _, plan in video_parts]
+        ids = self._encode_open(conversation, image_parts, plans)
         input_ids = torch.from_numpy(np.concatenate([ids, self.generation_prefix]))[None]  # (1, L)
         image_grid = torch.tensor([g for _, g in image_parts], dtype=torch.long) if image_parts else None
-        video_grid = torch.tensor([g for _, g, _ in video_parts], dtype=torch.long) if video_parts else None
-        seconds = [s for _, _, s in video_parts]
-        rope_kwargs = dict(image_token_id=self.encoder.image_pad_id, video_token_id=self.encoder.video_pad_id,
-                           vision_start_token_id=self.encoder.vision_start_id)
-        if self.model_type != "qwen2_vl":
-            rope_kwargs["tokens_per_second"] = self.tokens_per_second
-        mrope, _ = self.rope_fn(cfg.merge_size, input_ids, image_grid_thw=image_grid, video_grid_thw=video_grid,
-                                second_per_grid_ts=seconds or None, **rope_kwargs)  # (3, 1, L)
+        video_grid = torch.tensor([p.grid_thw for p in plans], dtype=torch.long) if plans else None
+        seconds = [p.second_per_grid_t for p in plans]
+        mrope, _ = self.family.position_ids(input_ids, self.encoder.token_ids, cfg.merge_size,
+                                            image_grid_thw=image_grid, video_grid_thw=video_grid,
+                                            second_per_grid_ts=seconds or None,
+                                            tokens_per_second=self.tokens_per_second)  # (3, 1, L)
         text_positions = torch.arange(input_ids.shape[1])[None, None]  # (1, 1, L)
         inputs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
             "position_ids": torch.cat([text_positions, mrope.to(torch.long)], dim=0),  # (4, 1, L)
+            # What the model's own generation step needs to place new tokens (Qwen3-VL).
+            "mm_token_type_ids": self.family.mm_token_type_ids(input_ids, self.encoder.token_ids),
         }
         dtype = next(self.model.parameters()).dtype
         if image_parts:
             inputs["pixel_values"] = torch.from_numpy(np.concatenate([p for p, _ in image_parts])).to(dtype)
             inputs["image_grid_thw"] = image_grid
         if video_parts:
-            inputs["pixel_values_videos"] = torch.from_numpy(np.concatenate([p for p, _, _ in video_parts])).to(dtype)
+            inputs["pixel_values_videos"] = torch.from_numpy(np.concatenate([p for p, _ in video_parts])).to(dtype)
             inputs["video_grid_thw"] = video_grid
-            if self.model_type != "qwen2_vl":
+            if self.family.uses_second_per_grid_ts:
                 inputs["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
         return inputs
+
+    def _encode_open(self, conversation: Conversation, image_parts: list, plans: list) -> np.ndarray:
+        """Token ids of a prompt that ends with a user turn: ``ChatEncoder.encode``, as training (no answer to learn, so
+        no ``model_max_length`` or label check)."""
+        cfg = self.vision_config
+        ids, _ = self.encoder.encode(
+            conversation,
+            [num_vision_tokens(grid, cfg.merge_size) for _, grid in image_parts],
+            [self.family.video_block_lengths(plan.grid_thw, cfg.merge_size) for plan in plans],
+            [plan.timestamps for plan in plans],
+        )
+        return ids
 
     @torch.no_grad()
     def generate_ids(self, inputs: dict[str, Any], max_new_tokens: int = 128) -> list[int]:
@@ -310,8 +319,6 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
     parser.add_argument("--max_pixels", default=None, help="override the saved limit, e.g. 576*28*28")
     parser.add_argument("--seed", type=int, default=42, help="seed of the name%%N subsets (as in training)")
     args = parser.parse_args(argv)
-
-    from qwenvl.train.argument import PixelCount
 
     predictor = Predictor.from_pretrained(
         args.model, base_model=args.base_model, dtype=DTYPES[args.dtype], attn_implementation=args.attn_implementation,

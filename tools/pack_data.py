@@ -61,6 +61,7 @@ from qwenvl.data.vision import VisionConfig  # noqa: E402
 from tools.common import (  # noqa: E402
     Source,
     add_media_flags,
+    load_checkpoint,
     add_policy_flag,
     check_distinct_inputs,
     media_data_args,
@@ -486,16 +487,11 @@ def registry_snippet(output: Path, data_path: str) -> str:
 
 # --------------------------------------------------------------------------- main
 def load_counter(args: argparse.Namespace) -> TokenCounter:
-    """Tokenizer, image processor and flags -> the counter training's dataset agrees with."""
-    from transformers import AutoTokenizer
-
-    from qwenvl.train.train_qwen import load_image_processor
-
+    """Tokenizer, image processor, family and flags -> the counter training's dataset agrees with."""
     data_args = media_data_args(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    processor = load_image_processor(args.model_name_or_path)
-    vision_config = VisionConfig.from_image_processor(processor, data_args.min_pixels, data_args.max_pixels)
-    return TokenCounter(tokenizer, data_args, vision_config, args.model_max_length)
+    checkpoint = load_checkpoint(args.model_name_or_path, data_args)
+    return TokenCounter(checkpoint.tokenizer, data_args, checkpoint.vision_config, args.model_max_length,
+                        family=checkpoint.family, settings=checkpoint.settings)
 
 
 def plan_outputs(sources: list[PackedSource], output: str | None,

@@ -2,16 +2,15 @@
 
 Flow (each step a function that can be called alone):
 annotation file -> records -> ``parse_conversation`` -> media (``vision``/``video``)
--> ``ChatEncoder.encode`` -> ``rope2d`` -> collators.
+-> ``ChatEncoder.encode`` (``qwenvl/data/chat.py``, the family's layout) -> the family's
+position ids -> collators. Everything model-specific comes from the family
+(``qwenvl.models``), found from the checkpoint's config.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,374 +19,53 @@ import torch
 from torch.utils.data import Dataset
 
 from qwenvl.data import data_list
-from qwenvl.data.rope2d import get_rope_index_2, get_rope_index_25
+from qwenvl.data.chat import (  # noqa: F401 - re-exported: users and tools import them from here
+    BAD_SAMPLES_KEY,
+    IGNORE_INDEX,
+    IMAGE_TAG,
+    VIDEO_TAG,
+    BadRecord,
+    BadSampleError,
+    ChatEncoder,
+    Conversation,
+    ConversationError,
+    Problem,
+    SampleError,
+    SampleRef,
+    encode_sample,
+    fit_max_length,
+    load_annotations,
+    parse_conversation,
+    sample_images,
+    sample_indices,
+    sample_videos,
+)
+from qwenvl.data.validation import check_record, load_video_checked, unexpected_reason, with_io_retries
 from qwenvl.data.vision import (
     ImageError,
     VisionConfig,
     is_transient_io_error,
-    media_file_problem,
     num_vision_tokens,
     open_image,
     process_image,
 )
+from qwenvl.models import ModelFamily, VisionSettings, family_for
+from qwenvl.models.qwen2_vl import DEFAULT_SYSTEM_PROMPT  # noqa: F401 - Qwen2/2.5-VL's, kept for old imports
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-IMAGE_TAG = "<image>"
-VIDEO_TAG = "<video>"
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-class BadSampleError(ValueError):
-    """A sample that cannot be trained on.
-
-    ``str(error)`` is ``"{annotation_path}:{index}: {reason}"``; ``kind`` is a
-    short machine-readable label (``missing_media``, ``over_length``, ...).
-    """
-
-    def __init__(self, path: str, index: int, reason: str, kind: str = "invalid"):
-        super().__init__(f"{path}:{index}: {reason}")
-        self.path, self.index, self.reason, self.kind = path, index, reason, kind
-
-
-# Collators put the bad samples of a micro-batch under this key; QwenVLTrainer pops it before the model.
-BAD_SAMPLES_KEY = "bad_samples"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A bad sample as reported; ``LazySupervisedDataset[i]`` returns one under ``--bad_sample_policy skip``.
-
-    ``message`` is ``"{annotation_path}:{index}: {reason}"``, the ``BadSampleError`` text.
-    """
-
-    dataset: str
-    annotation_path: str
-    index: int
-    kind: str
-    reason: str
-
-    @property
-    def message(self) -> str:
-        return f"{self.annotation_path}:{self.index}: {self.reason}"
-
-    @classmethod
-    def from_error(cls, error: BadSampleError, dataset: str = "") -> "Problem":
-        return cls(dataset, error.path, error.index, error.kind, error.reason)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: dataset, annotation_path, index, kind, reason, message."""
-        return {"dataset": self.dataset, "annotation_path": self.annotation_path, "index": self.index,
-                "kind": self.kind, "reason": self.reason, "message": self.message}
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    """Stands in for a JSONL line that did not parse, so later samples keep their index."""
-
-    reason: str
-    kind: str = "bad_json"
-
-
-class ConversationError(ValueError):
-    """``parse_conversation``'s error; ``kind`` labels it (``no_conversation``, ``bad_turn``, ...)."""
-
-    def __init__(self, message: str, kind: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-# ---------------------------------------------------------------- annotations
-def load_annotations(path: str, bad_lines: str = "raise") -> list[Any]:
-    """Read a JSON list or a JSONL file of samples (UTF-8, a byte-order mark is fine).
-
-    Args:
-        path: a ``.jsonl`` file (one sample per line, blank lines ignored) or a
-            JSON file holding a list of samples (or one sample object).
-        bad_lines: what a JSONL line that does not parse becomes: ``"raise"`` an
-            error, or ``"keep"`` a ``BadRecord`` in its place, so the training
-            policy can skip and count it while every later sample keeps its index.
-
-    Returns:
-        the samples in file order (items are not checked here: see ``validation.check_record``).
+def resolve_family(family: ModelFamily | None, model_type: str | None) -> ModelFamily:
+    """``family`` when given, else the family registered for ``model_type`` (``qwen2_5_vl`` when neither).
 
     Raises:
-        ValueError: the file is missing, empty or holds no samples, is not valid
-            JSON or UTF-8 (the message gives ``path:line``), or is not a list.
+        ValueError: an unknown ``model_type`` (the message lists the supported ones).
 
     Example:
-        >>> load_annotations("demo/text_only.jsonl")[0]["conversations"][1]
-        {'from': 'gpt', 'value': 'Green.'}
+        >>> resolve_family(None, "qwen3_vl").model_type
+        'qwen3_vl'
     """
-    if bad_lines not in ("raise", "keep"):
-        raise ValueError(f"bad_lines should be one of 'raise' or 'keep' but found {bad_lines!r}")
-    missing = media_file_problem(path, "annotation")
-    if missing is not None:
-        raise ValueError(missing)
-    with open(path, "rb") as handle:
-        data = handle.read()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if not data.strip():
-        raise ValueError(f"{path}: the annotation file is empty")
-    if path.endswith(".jsonl"):
-        records: Any = []
-        # Split on "\n" only: str.splitlines() would also split inside strings holding U+2028 and friends.
-        for line_no, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            try:
-                records.append(json.loads(raw.decode("utf-8")))
-                continue
-            except UnicodeDecodeError as exc:
-                detail = f"not valid UTF-8 (column {exc.start + 1})"
-            except json.JSONDecodeError as exc:
-                detail = f"{exc.msg} (column {exc.colno})"
-            if bad_lines == "raise":
-                raise ValueError(f"{path}:{line_no}: invalid JSON line: {detail}")
-            records.append(BadRecord(f"line {line_no}: invalid JSON line: {detail}"))
-    else:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line_no = data[:exc.start].count(b"\n") + 1
-            column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-            raise ValueError(f"{path}:{line_no}: not valid UTF-8 (column {column})") from None
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            hint = "; one JSON object per line? name the file .jsonl" if exc.msg == "Extra data" else ""
-            raise ValueError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}){hint}") from None
-        if isinstance(records, dict):
-            records = [records]
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a list of samples, got {type(records).__name__}")
-    if not records:
-        raise ValueError(f"{path}: the annotation file holds no samples")
-    return records
-
-
-def sample_indices(num_records: int, sampling_rate: float, seed: int, name: str) -> list[int]:
-    """Indices kept by ``name%N``: a seeded random subset, in file order.
-
-    The generator is seeded from ``seed`` and the dataset name only, so every
-    rank keeps the same subset.
-
-    Example:
-        >>> sample_indices(10, 1.0, 0, "x")
-        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
-    """
-    if sampling_rate >= 1.0:
-        return list(range(num_records))
-    keep = max(1, int(num_records * sampling_rate)) if num_records else 0
-    return sorted(random.Random(f"{seed}:{name}").sample(range(num_records), keep))
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    """Where a sample comes from: enough to name it in an error message."""
-
-    dataset: str
-    annotation_path: str
-    data_path: str
-    index: int  # position in the annotation file (0-based)
-
-
-# --------------------------------------------------------------- conversation
-@dataclass
-class Conversation:
-    """A normalised conversation: optional system prompt, then (role, text) turns."""
-
-    system: str | None
-    turns: list[tuple[str, str]]
-
-
-def _media_list(sample: dict, *keys: str) -> list:
-    items: list = []
-    for key in keys:
-        value = sample.get(key)
-        if value is None:
-            continue
-        items.extend(value if isinstance(value, list) else [value])
-    return items
-
-
-def sample_images(sample: dict) -> list:
-    """Images of a sample: ``image`` (string or list) then ``images``."""
-    return _media_list(sample, "image", "images")
-
-
-def sample_videos(sample: dict) -> list:
-    """Videos of a sample: ``video`` (string or list) then ``videos``."""
-    return _media_list(sample, "video", "videos")
-
-
-def parse_conversation(sample: dict) -> Conversation:
-    """Normalise ``conversations`` to (role, text) turns.
-
-    Accepts ``{"from", "value"}`` and ``{"role", "content"}`` turns. A leading
-    system turn replaces the default system prompt; other leading non-human
-    turns are dropped (the original's behaviour).
-
-    Raises:
-        ConversationError: (a ValueError) missing/empty conversations
-            (``no_conversation``), a turn that is not an object, has an unknown
-            role or non-string text (``bad_turn``), turns that do not alternate
-            user/assistant (``bad_roles``), media tags in answers
-            (``tag_in_answer``) or in the system turn (``tag_in_system``), an empty answer (``empty_answer``), or no
-            assistant answer at all (``no_answer``). Turn numbers count the
-            turns as written, from 0.
-
-    Example:
-        >>> parse_conversation({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
-        Conversation(system=None, turns=[('user', 'hi'), ('assistant', 'yo')])
-    """
-    raw = sample.get("conversations", sample.get("messages"))
-    if raw is None:
-        raise ConversationError("no 'conversations' key", "no_conversation")
-    if not isinstance(raw, list) or not raw:
-        raise ConversationError("'conversations' must be a non-empty list of turns", "no_conversation")
-    turns: list[tuple[int, str, str]] = []  # (turn number as written, role, text)
-    for number, turn in enumerate(raw):
-        if not isinstance(turn, dict):
-            raise ConversationError(
-                f"turn {number} is a {type(turn).__name__}, expected an object with 'from' and 'value'", "bad_turn")
-        speaker = turn.get("from", turn.get("role"))
-        text = turn.get("value", turn.get("content"))
-        role = _ROLES.get(str(speaker).lower()) if speaker is not None else None
-        if role is None:
-            raise ConversationError(f"turn {number} has unknown role {speaker!r} (expected human/gpt/system)",
-                                    "bad_turn")
-        if not isinstance(text, str):
-            raise ConversationError(f"turn {number} ({speaker}) has a {type(text).__name__} value, expected a string",
-                                    "bad_turn")
-        turns.append((number, role, text))
-    system = None
-    if turns[0][1] == "system":
-        number, _, system = turns.pop(0)
-        if IMAGE_TAG in system or VIDEO_TAG in system:
-            # The system prompt is never expanded into vision tokens: the tag would be trained on as text.
-            raise ConversationError(f"system turn {number} contains a media tag ({IMAGE_TAG} or {VIDEO_TAG}); "
-                                    f"put media tags in a human turn", "tag_in_system")
-    while turns and turns[0][1] != "user":
-        turns.pop(0)
-    if not turns:
-        raise ConversationError("no human turn in the conversation", "bad_roles")
-    for position, (number, role, text) in enumerate(turns):
-        expected = "user" if position % 2 == 0 else "assistant"
-        if role != expected:
-            raise ConversationError(
-                f"turn {number} is {role!r} where {expected!r} was expected (turns must alternate)", "bad_roles")
-        if role == "assistant" and (IMAGE_TAG in text or VIDEO_TAG in text):
-            raise ConversationError(f"answer {number} contains a media tag ({IMAGE_TAG} or {VIDEO_TAG})",
-                                    "tag_in_answer")
-        if role == "assistant" and not text.strip():
-            raise ConversationError(f"answer {number} is empty", "empty_answer")
-    if len(turns) < 2:
-        raise ConversationError("the conversation has no assistant answer", "no_answer")
-    return Conversation(system, [(role, text) for _, role, text in turns])
-
-
-class ChatEncoder:
-    """Token ids and labels for a conversation, per SPEC 5.
-
-    Every special token id is read from the tokenizer, so a tokenizer whose ids
-    differ works unchanged.
-
-    Example:
-        >>> enc = ChatEncoder(tokenizer)
-        >>> ids, labels = enc.encode(Conversation(None, [("user", "<image>hi"), ("assistant", "yo")]), [4], [])
-        >>> int((ids == enc.image_pad_id).sum())
-        4
-    """
-
-    SPECIAL_TOKENS = {
-        "im_start_id": "<|im_start|>",
-        "im_end_id": "<|im_end|>",
-        "vision_start_id": "<|vision_start|>",
-        "vision_end_id": "<|vision_end|>",
-        "image_pad_id": "<|image_pad|>",
-        "video_pad_id": "<|video_pad|>",
-    }
-
-    def __init__(self, tokenizer: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
-        self.tokenizer = tokenizer
-        self.system_prompt = system_prompt
-        vocab_unk = getattr(tokenizer, "unk_token_id", None)
-        for attr, token in self.SPECIAL_TOKENS.items():
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or (vocab_unk is not None and token_id == vocab_unk):
-                raise ValueError(f"tokenizer has no {token} token; is this a Qwen-VL tokenizer?")
-            setattr(self, attr, int(token_id))
-        self.image_block = "<|vision_start|><|image_pad|><|vision_end|>"
-        self.video_block = "<|vision_start|><|video_pad|><|vision_end|>"
-        self.assistant_prefix_len = len(self._encode_texts(["<|im_start|>assistant\n"])[0])
-
-    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    def encode(
-        self,
-        conversation: Conversation,
-        image_token_counts: Sequence[int],
-        video_token_counts: Sequence[int],
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Encode turns; each ``<image>``/``<video>`` expands to its pad tokens.
-
-        Args:
-            conversation: from ``parse_conversation``.
-            image_token_counts: LLM tokens of each image, in order (t*h*w/merge**2).
-            video_token_counts: likewise for videos.
-
-        Returns:
-            input_ids, labels: (L,) int64 arrays; labels are -100 outside the
-            assistant answers (answer + ``<|im_end|>`` + ``\\n`` are learned).
-
-        Raises:
-            ValueError: tag counts differ from media counts.
-        """
-        system = conversation.system if conversation.system is not None else self.system_prompt
-        texts = [f"<|im_start|>system\n{system}<|im_end|>\n"]
-        for role, text in conversation.turns:
-            text = text.replace(IMAGE_TAG, self.image_block).replace(VIDEO_TAG, self.video_block)
-            texts.append(f"<|im_start|>{role}\n{text}<|im_end|>\n")
-        encoded = self._encode_texts(texts)
-        ids = np.fromiter((t for turn in encoded for t in turn), dtype=np.int64)
-        labels = ids.copy()
-        start = 0
-        for (role, _), turn_ids in zip([("system", "")] + conversation.turns, encoded):
-            end = start + len(turn_ids)
-            if role == "assistant":
-                labels[start:start + self.assistant_prefix_len] = IGNORE_INDEX
-            else:
-                labels[start:end] = IGNORE_INDEX
-            start = end
-        repeats = np.ones(len(ids), dtype=np.int64)
-        for pad_id, counts, tag in (
-            (self.image_pad_id, image_token_counts, IMAGE_TAG),
-            (self.video_pad_id, video_token_counts, VIDEO_TAG),
-        ):
-            where = np.flatnonzero(ids == pad_id)
-            if len(where) != len(counts):
-                raise ValueError(f"{len(where)} {tag} tag(s) in the conversation but {len(counts)} media item(s)")
-            repeats[where] = counts
-        return np.repeat(ids, repeats), np.repeat(labels, repeats)
-
-
-# --------------------------------------------------------------------- dataset
-def _rope_function(model_type: str) -> Callable:
-    if model_type == "qwen2_vl":
-        return get_rope_index_2
-    if model_type in ("qwen2_5_vl", "qwen3_vl"):
-        if model_type == "qwen3_vl":
-            from qwenvl.data.rope2d import get_rope_index_3
-
-            return get_rope_index_3
-        return get_rope_index_25
-    raise ValueError(f"unsupported model_type {model_type!r}; expected qwen2_vl, qwen2_5_vl or qwen3_vl")
+    return family if family is not None else family_for(model_type or "qwen2_5_vl")
 
 
 class LazySupervisedDataset(Dataset):
@@ -397,7 +75,8 @@ class LazySupervisedDataset(Dataset):
         tokenizer: the checkpoint's tokenizer.
         data_args: ``DataArguments`` (``dataset_use``, pixel and frame limits).
         vision_config: patch geometry and normalisation (``VisionConfig``).
-        model_type: ``qwen2_vl`` / ``qwen2_5_vl`` (picks the rope rule).
+        model_type: a registered ``model_type``, resolved with ``family_for`` when ``family``
+            is None (kept for callers from before families existed).
         model_max_length: longer samples are truncated on text only, or rejected.
         seed: seeds the ``%N`` subsets (same subset on every rank).
         tokens_per_second: from the model's vision config (Qwen2.5-VL video rope).
@@ -410,6 +89,11 @@ class LazySupervisedDataset(Dataset):
         io_retries: retries of transient I/O errors (EIO, ESTALE, timeouts) per sample
             before it counts as bad (``io_error``).
         io_backoff: seconds before the first retry; doubles each time.
+        family: the checkpoint's ``ModelFamily`` (``family_for(model.config)``): chat layout,
+            video rule, position ids. Wins over ``model_type``.
+        vision_settings: the checkpoint's processor settings (``family.vision_settings(path)``),
+            the defaults of ``--video_min_pixels``/``--video_max_pixels`` for Qwen3-VL; None =
+            the family's released defaults.
     """
 
     def __init__(
@@ -425,6 +109,8 @@ class LazySupervisedDataset(Dataset):
         bad_sample_policy: str = "error",
         io_retries: int = 3,
         io_backoff: float = 0.5,
+        family: ModelFamily | None = None,
+        vision_settings: VisionSettings | None = None,
     ):
         super().__init__()
         if bad_sample_policy not in ("error", "skip"):
@@ -434,9 +120,10 @@ class LazySupervisedDataset(Dataset):
         self._logged_bad: set[int] = set()  # samples already logged by this process
         self.data_args = data_args
         self.vision_config = vision_config
-        self.encoder = ChatEncoder(tokenizer)
-        self.model_type = model_type
-        self.rope_fn = _rope_function(model_type)
+        self.family = resolve_family(family, model_type)
+        self.model_type = self.family.model_type
+        self.vision_settings = vision_settings
+        self.encoder = ChatEncoder(tokenizer, self.family)
         self.tokens_per_second = tokens_per_second
         self.model_max_length = model_max_length
         names = (dataset_use if dataset_use is not None else data_args.dataset_use).split(",")
@@ -487,22 +174,24 @@ class LazySupervisedDataset(Dataset):
             grids.append(grid)
         return pixels, grids
 
-    def load_videos(self, i: int, videos: list) -> tuple[list[np.ndarray], list[tuple[int, int, int]], list[float]]:
-        """Decode, sample and patchify a sample's videos."""
-        from qwenvl.data.validation import load_video_checked
+    def load_videos(self, i: int, videos: list) -> tuple[list[np.ndarray], list[Any]]:
+        """Decode, sample and patchify a sample's videos by the family's rule.
 
-        pixels, grids, seconds = [], [], []
+        Returns:
+            tuple[list[np.ndarray], list[Any]]: pixel values and ``VideoPlan`` (grid, seconds per
+            grid step, timestamps) of each video.
+        """
+        pixels, plans = [], []
         ref = self.refs[i]
         for number, source in enumerate(videos):
             try:
-                pv, grid, second_per_grid_t = load_video_checked(source, number, ref.data_path, self.data_args,
-                                                                 self.vision_config, ref.annotation_path, ref.index)
+                pv, plan = load_video_checked(source, number, ref.data_path, self.data_args, self.vision_config,
+                                              ref.annotation_path, ref.index, self.family, self.vision_settings)
             except BadSampleError as exc:
                 raise self.bad(i, exc.reason, exc.kind) from None
             pixels.append(pv)
-            grids.append(grid)
-            seconds.append(second_per_grid_t)
-        return pixels, grids, seconds
+            plans.append(plan)
+        return pixels, plans
 
     # ------------------------------------------------------------- items
     def __getitem__(self, i: int) -> dict[str, Any] | Problem:
@@ -523,8 +212,6 @@ class LazySupervisedDataset(Dataset):
             BadSampleError: a bad sample under ``error``; an I/O error that outlived
                 the retries is kind ``io_error``.
         """
-        from qwenvl.data.validation import unexpected_reason, with_io_retries
-
         ref = self.refs[i]
         try:
             try:
@@ -555,15 +242,13 @@ class LazySupervisedDataset(Dataset):
 
         Returns:
             dict with ``input_ids`` (L,), ``labels`` (L,), ``position_ids`` (3, L),
-            and when present ``pixel_values`` (N, 1176), ``image_grid_thw`` (n, 3),
-            ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``
-            (one float per video).
+            and when present ``pixel_values`` (N, 3 * 2 * patch**2), ``image_grid_thw`` (n, 3),
+            ``pixel_values_videos``, ``video_grid_thw``, and ``second_per_grid_ts`` (one float
+            per video) for families whose model takes it (Qwen2.5-VL).
 
         Raises:
             BadSampleError: the message names the annotation file and index.
         """
-        from qwenvl.data.validation import check_record
-
         ref = self.refs[i]
         try:
             checked = check_record(self.records[i], ref.annotation_path, ref.index)
@@ -571,18 +256,18 @@ class LazySupervisedDataset(Dataset):
             raise self.bad(i, exc.reason, exc.kind) from None
         conversation, images, videos = checked.conversation, checked.images, checked.videos
         image_pixels, image_grids = self.load_images(i, images)
-        video_pixels, video_grids, seconds = self.load_videos(i, videos) if videos else ([], [], [])
+        video_pixels, plans = self.load_videos(i, videos) if videos else ([], [])
+        video_grids = [plan.grid_thw for plan in plans]
         merge = self.vision_config.merge_size
         # Shared with tools/pack_data.py's token counter, so its counts equal len(input_ids) here.
-        from qwenvl.data.token_count import SampleError, encode_sample
-
         try:
             input_ids, labels = encode_sample(
                 self.encoder,
                 conversation,
                 [num_vision_tokens(g, merge) for g in image_grids],
-                [num_vision_tokens(g, merge) for g in video_grids],
+                [self.family.video_block_lengths(g, merge) for g in video_grids],
                 self.model_max_length,
+                [plan.timestamps for plan in plans],
             )
         except SampleError as exc:
             raise self.bad(i, exc.reason, exc.kind) from None
@@ -591,16 +276,10 @@ class LazySupervisedDataset(Dataset):
         item: dict[str, Any] = {"input_ids": ids, "labels": torch.from_numpy(labels)}
         image_grid = torch.tensor(image_grids, dtype=torch.long) if image_grids else None
         video_grid = torch.tensor(video_grids, dtype=torch.long) if video_grids else None
-        rope_kwargs = dict(
-            image_token_id=self.encoder.image_pad_id,
-            video_token_id=self.encoder.video_pad_id,
-            vision_start_token_id=self.encoder.vision_start_id,
-        )
-        if self.model_type != "qwen2_vl":
-            rope_kwargs["tokens_per_second"] = self.tokens_per_second
-        position_ids, _ = self.rope_fn(
-            merge, ids[None], image_grid_thw=image_grid, video_grid_thw=video_grid,
-            second_per_grid_ts=seconds or None, **rope_kwargs,
+        seconds = [plan.second_per_grid_t for plan in plans]
+        position_ids, _ = self.family.position_ids(
+            ids[None], self.encoder.token_ids, merge, image_grid_thw=image_grid, video_grid_thw=video_grid,
+            second_per_grid_ts=seconds or None, tokens_per_second=self.tokens_per_second,
         )
         item["position_ids"] = position_ids[:, 0]  # (3, L)
         if image_pixels:
@@ -609,14 +288,12 @@ class LazySupervisedDataset(Dataset):
         if video_pixels:
             item["pixel_values_videos"] = torch.from_numpy(np.concatenate(video_pixels))
             item["video_grid_thw"] = video_grid
-            if self.model_type != "qwen2_vl":
+            if self.family.uses_second_per_grid_ts:
                 item["second_per_grid_ts"] = seconds
         return item
 
     def truncate(self, i: int, input_ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Cut a too-long sample on text only; refuse to cut through a vision block (``token_count.fit_max_length``)."""
-        from qwenvl.data.token_count import SampleError, fit_max_length
-
+        """Cut a too-long sample on text only; refuse to cut through a vision block (``fit_max_length``)."""
         try:
             return fit_max_length(input_ids, labels, self.encoder.vision_end_id, self.model_max_length)
         except SampleError as exc:
@@ -753,36 +430,133 @@ class FlattenedDataCollatorForSupervisedDataset:
         return flatten_instances(instances, self.pad_token_id)
 
 
+# ------------------------------------------------------------- packed files
+@dataclass(frozen=True)
+class PackedSampleRef(SampleRef):
+    """A sample inside a packed file: ``index`` is the group, ``position`` the sample within it."""
+
+    position: int = 0
+
+
+class PackedSupervisedDataset(LazySupervisedDataset):
+    """Groups of a packed file; item ``g`` is the list of group ``g``'s sample items.
+
+    Takes the same arguments as ``LazySupervisedDataset`` (``bad_sample_policy``,
+    ``io_retries`` and ``io_backoff`` included); ``%N`` in ``dataset_use`` keeps
+    N percent of the groups. Each sample is loaded with ``load_sample``, so under
+    ``skip`` a bad sample becomes a ``Problem`` inside its group, which the
+    collator drops and reports; the rest of the group still trains.
+
+    Raises:
+        ValueError: an item of the file is not a non-empty list of samples (the
+            file was not written by ``tools/pack_data.py``); the message names
+            the file and the item.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        # The parent reads the registry and the %N subsets; its records are our groups.
+        super().__init__(*args, **kwargs)
+        groups, group_refs = self.records, self.refs
+        self.records, self.refs = [], []  # one entry per sample, so the parent's get_item works on samples
+        self.groups: list[list[int]] = []  # group -> indices into records
+        for group, ref in zip(groups, group_refs):
+            if not isinstance(group, list) or not group:
+                found = "an empty list" if isinstance(group, list) else f"a {type(group).__name__}"
+                raise ValueError(
+                    f"{ref.annotation_path}:{ref.index}: expected a group (a non-empty list of samples) but found "
+                    f"{found}; with --data_packing True, --dataset_use must name files written by "
+                    f"tools/pack_data.py (dataset {ref.dataset!r})"
+                )
+            members = []
+            for position, sample in enumerate(group):
+                members.append(len(self.records))
+                self.records.append(sample)
+                self.refs.append(PackedSampleRef(ref.dataset, ref.annotation_path, ref.data_path, ref.index,
+                                                 position))
+            self.groups.append(members)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, g: int) -> list[dict[str, Any] | Problem]:
+        """The items of group ``g``, each as ``LazySupervisedDataset.load_sample`` builds it."""
+        return [self.load_sample(i) for i in self.groups[g]]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Rough length of every group: the sum of its samples' rough lengths."""
+        per_sample = LazySupervisedDataset.lengths.fget(self)
+        return [sum(per_sample[i] for i in members) for members in self.groups]
+
+    def bad(self, i: int, reason: str, kind: str = "invalid") -> BadSampleError:
+        """Error for sample ``i``: ``{pack file}:{group}: sample {position} of the group: {reason}``."""
+        ref = self.refs[i]
+        return BadSampleError(ref.annotation_path, ref.index, f"sample {ref.position} of the group: {reason}", kind)
+
+
+@dataclass
+class PackedDataCollatorForSupervisedDataset:
+    """Flatten every sample of every group in the micro-batch into one row (``flatten_instances``).
+
+    Items may be groups (lists of sample items, from ``PackedSupervisedDataset``)
+    or single sample items (an unpacked eval set), so one collator serves both.
+    ``Problem`` entries of skipped bad samples are dropped and reported by
+    ``flatten_instances``.
+
+    Example:
+        >>> batch = PackedDataCollatorForSupervisedDataset()([[a, b], [c]])  # == flatten_instances([a, b, c])
+        >>> batch["position_ids"].shape  # (4, 1, len(a) + len(b) + len(c))
+    """
+
+    pad_token_id: int = 0  # only fills the placeholder of an all-bad micro-batch
+
+    def __call__(self, instances: Sequence[Any]) -> dict[str, torch.Tensor]:
+        samples = [s for x in instances for s in (x if isinstance(x, list) else [x])]
+        return flatten_instances(samples, self.pad_token_id)
+
+
 def make_supervised_data_module(
     tokenizer: Any,
     data_args: Any,
     vision_config: VisionConfig,
-    model_type: str = "qwen2_5_vl",
+    model_type: str | None = None,
     model_max_length: int = 512,
     seed: int = 42,
     tokens_per_second: float = 2,
+    family: ModelFamily | None = None,
+    vision_settings: VisionSettings | None = None,
 ) -> dict[str, Any]:
     """Train dataset, optional eval dataset and the collator the flags ask for.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer.
+        data_args: ``DataArguments``.
+        vision_config: patch geometry and normalisation.
+        model_type: resolved with ``family_for`` when ``family`` is None (``qwen2_5_vl`` when both are None).
+        model_max_length: ``--model_max_length``.
+        seed: seeds the ``%N`` subsets.
+        tokens_per_second: the vision config's (Qwen2.5-VL video positions).
+        family: the checkpoint's ``ModelFamily`` (``family_for(model.config)``).
+        vision_settings: the checkpoint's ``VisionSettings`` (``family.vision_settings(path)``).
 
     Returns:
         ``{"train_dataset", "eval_dataset", "data_collator"}`` for ``Trainer(**module)``.
     """
+    family = resolve_family(family, model_type)
     common = dict(
-        tokenizer=tokenizer, data_args=data_args, vision_config=vision_config, model_type=model_type,
+        tokenizer=tokenizer, data_args=data_args, vision_config=vision_config, family=family,
         model_max_length=model_max_length, seed=seed, tokens_per_second=tokens_per_second,
+        vision_settings=vision_settings,
     )
     policy = getattr(data_args, "bad_sample_policy", "error")  # --bad_sample_policy (default skip)
-    if getattr(data_args, "data_packing", False):
-        from qwenvl.data.data_qwen_packed import PackedSupervisedDataset
-
-        train_dataset: Dataset = PackedSupervisedDataset(**common, bad_sample_policy=policy)
-    else:
-        train_dataset = LazySupervisedDataset(**common, bad_sample_policy=policy)
+    packing = getattr(data_args, "data_packing", False)
+    dataset_cls = PackedSupervisedDataset if packing else LazySupervisedDataset
+    train_dataset: Dataset = dataset_cls(**common, bad_sample_policy=policy)
     eval_use = getattr(data_args, "eval_dataset_use", None)
     eval_dataset = LazySupervisedDataset(**common, dataset_use=eval_use, bad_sample_policy=policy) if eval_use else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    flatten = getattr(data_args, "data_flatten", False) or getattr(data_args, "data_packing", False)
-    collator_cls = FlattenedDataCollatorForSupervisedDataset if flatten else DataCollatorForSupervisedDataset
-    if getattr(data_args, "data_packing", False):  # items are groups: flattens each group's samples
-        from qwenvl.data.data_qwen_packed import PackedDataCollatorForSupervisedDataset as collator_cls
+    flatten = getattr(data_args, "data_flatten", False) or packing
+    collator_cls: type = FlattenedDataCollatorForSupervisedDataset if flatten else DataCollatorForSupervisedDataset
+    if packing:  # items are groups: flattens each group's samples
+        collator_cls = PackedDataCollatorForSupervisedDataset
     return {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "data_collator": collator_cls(pad_id)}

@@ -28,10 +28,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
-from qwenvl.data.data_qwen import IGNORE_INDEX, BadSampleError, ChatEncoder, Conversation
-from qwenvl.data.validation import CheckedRecord, check_record, with_io_retries
+from qwenvl.data.chat import (  # noqa: F401 - SampleError, fit_max_length, encode_sample re-exported
+    BadSampleError,
+    ChatEncoder,
+    SampleError,
+    encode_sample,
+    fit_max_length,
+)
+from qwenvl.data.validation import CheckedRecord, check_record, video_block_tokens, with_io_retries
+from qwenvl.data.video import VideoError, plan_video, probe_video
 from qwenvl.data.vision import (
     ImageError,
     VisionConfig,
@@ -46,92 +51,14 @@ from qwenvl.data.vision import (
 # Bump when the meaning of a cached count changes. Edits of the code a count runs through are
 # caught without a bump: ``code_fingerprint`` hashes those modules' source.
 COUNT_VERSION = 1
-COUNT_MODULES = ("qwenvl.data.token_count", "qwenvl.data.data_qwen", "qwenvl.data.validation",
-                 "qwenvl.data.vision", "qwenvl.data.video")
+COUNT_MODULES = ("qwenvl.data.token_count", "qwenvl.data.chat", "qwenvl.data.data_qwen", "qwenvl.data.validation",
+                 "qwenvl.data.vision", "qwenvl.data.video", "qwenvl.models.base", "qwenvl.models.qwen2_vl",
+                 "qwenvl.models.qwen2_5_vl", "qwenvl.models.qwen3_vl")
 
 # Status of a sample the dataset yields; any other kind is a ``BadSampleError`` kind.
 OK, TRUNCATED = "ok", "truncated"
 VIDEO_FLAGS = ("base_interval", "video_min_frames", "video_max_frames", "video_min_frame_pixels",
-               "video_max_frame_pixels")
-
-
-class SampleError(ValueError):
-    """A sample the dataset rejects; ``kind`` is the ``BadSampleError`` kind (``over_length``, ...)."""
-
-    def __init__(self, kind: str, reason: str):
-        super().__init__(reason)
-        self.kind, self.reason = kind, reason
-
-
-def fit_max_length(
-    input_ids: np.ndarray, labels: np.ndarray, vision_end_id: int, model_max_length: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Apply ``model_max_length`` (cut text at the end, never a vision block; SPEC 9), then
-    check that some answer token is still learned.
-
-    Args:
-        input_ids: (L,) token ids of one sample.
-        labels: (L,) labels.
-        vision_end_id: id of ``<|vision_end|>``.
-        model_max_length: longest allowed sample; None = no limit.
-
-    Returns:
-        input_ids, labels: the first ``min(L, model_max_length)`` tokens.
-
-    Raises:
-        SampleError: kind ``over_length`` when the cut would split a vision block,
-            ``no_labels`` when no label other than -100 is left.
-
-    Example:
-        >>> ids, labels = fit_max_length(np.arange(10), np.arange(10), vision_end_id=99, model_max_length=4)
-        >>> ids.tolist()
-        [0, 1, 2, 3]
-    """
-    limit = model_max_length
-    if limit is not None and len(input_ids) > limit:
-        vision = np.flatnonzero(input_ids == vision_end_id)
-        if len(vision) and vision[-1] >= limit:
-            raise SampleError(
-                "over_length",
-                f"over-length: {len(input_ids)} tokens > model_max_length {limit} and the cut would split a "
-                f"vision block (last vision token at {int(vision[-1])})",
-            )
-        input_ids, labels = input_ids[:limit], labels[:limit]
-    if not (labels != IGNORE_INDEX).any():
-        raise SampleError("no_labels", "no answer token survives (empty answers or truncated away)")
-    return input_ids, labels
-
-
-def encode_sample(
-    encoder: ChatEncoder,
-    conversation: Conversation,
-    image_token_counts: Sequence[int],
-    video_token_counts: Sequence[int],
-    model_max_length: int | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and labels of one sample, exactly as training sees them.
-
-    ``ChatEncoder.encode``, then ``fit_max_length``. ``LazySupervisedDataset.get_item``
-    and ``TokenCounter.count`` both call this, so they cannot disagree on text.
-
-    Args:
-        encoder: the dataset's ``ChatEncoder``.
-        conversation: from ``parse_conversation``.
-        image_token_counts: LLM tokens of each image (``num_vision_tokens`` of its grid).
-        video_token_counts: likewise for videos.
-        model_max_length: see ``fit_max_length``.
-
-    Returns:
-        input_ids, labels: (L,) int64 arrays, L <= model_max_length.
-
-    Raises:
-        SampleError: kind ``tag_mismatch``, ``over_length`` or ``no_labels``.
-    """
-    try:
-        input_ids, labels = encoder.encode(conversation, image_token_counts, video_token_counts)
-    except ValueError as exc:
-        raise SampleError("tag_mismatch", str(exc)) from None
-    return fit_max_length(input_ids, labels, encoder.vision_end_id, model_max_length)
+               "video_max_frame_pixels", "video_fps", "video_min_pixels", "video_max_pixels")
 
 
 @dataclass(frozen=True)
@@ -204,6 +131,11 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
+def _flag(value: Any) -> float | None:
+    """A video flag as a float for the cache key (None stays None: the checkpoint's default)."""
+    return None if value is None else float(value)
+
+
 class TokenCounter:
     """Counts tokens of samples without decoding pixels; see the module docstring.
 
@@ -216,6 +148,8 @@ class TokenCounter:
         model_max_length: training's ``--model_max_length`` (None = no limit).
         io_retries: retries of transient I/O errors per sample, as the dataset's.
         io_backoff: seconds before the first retry; doubles each time.
+        family: the checkpoint's ``ModelFamily`` (chat layout, video rule); None = Qwen2.5-VL.
+        settings: the checkpoint's ``VisionSettings`` (defaults of the Qwen3-VL video flags).
 
     Example:
         >>> counter = TokenCounter(tokenizer, DataArguments(), VisionConfig(), model_max_length=4096)
@@ -224,10 +158,12 @@ class TokenCounter:
     """
 
     def __init__(self, tokenizer: Any, data_args: Any, vision_config: VisionConfig,
-                 model_max_length: int | None, io_retries: int = 3, io_backoff: float = 0.5):
+                 model_max_length: int | None, io_retries: int = 3, io_backoff: float = 0.5,
+                 family: Any = None, settings: Any = None):
         self.tokenizer = tokenizer
         self.io_retries, self.io_backoff = io_retries, io_backoff
-        self.encoder = ChatEncoder(tokenizer)
+        self.encoder = ChatEncoder(tokenizer, family)
+        self.family, self.vision_settings = self.encoder.family, settings
         self.data_args = data_args
         self.vision_config = vision_config
         self.model_max_length = model_max_length
@@ -239,11 +175,11 @@ class TokenCounter:
             "count_version": COUNT_VERSION,
             "code_sha256": code_fingerprint(),
             "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer),
-            "special_ids": {attr: getattr(encoder, attr) for attr in ChatEncoder.SPECIAL_TOKENS},
-            "system_prompt": encoder.system_prompt,
+            "encoder": encoder.settings(),
+            "video_settings": None if self.vision_settings is None else asdict(self.vision_settings),
             "vision": {k: v for k, v in asdict(self.vision_config).items()
                        if k in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels")},
-            "video": {name: float(getattr(self.data_args, name)) for name in VIDEO_FLAGS},
+            "video": {name: _flag(getattr(self.data_args, name, None)) for name in VIDEO_FLAGS},
             "model_max_length": self.model_max_length,
         }
 
@@ -256,47 +192,54 @@ class TokenCounter:
         height, width = image_size(source, data_path)
         return image_grid_thw(height, width, self.vision_config)
 
+    def video_plan(self, source: Any, data_path: str = "") -> Any:
+        """The sampling plan of one video (grid, timestamps), from its container metadata.
+
+        Raises:
+            VideoError: missing or unreadable file, broken metadata.
+        """
+        if not isinstance(source, str) or not source:
+            raise VideoError(f"video reference must be a non-empty path string, got {source!r}")
+        return plan_video(probe_video(source, data_path), self.data_args, self.vision_config, self.family,
+                          self.vision_settings)
+
     def video_grid(self, source: Any, data_path: str = "") -> tuple[int, int, int]:
         """Grid (t, h, w) of one video, from its container metadata.
 
         Raises:
             VideoError: missing or unreadable file, broken metadata.
         """
-        from qwenvl.data.video import VideoError, probe_video, video_grid_from_meta
+        return tuple(int(x) for x in self.video_plan(source, data_path).grid_thw)
 
-        if not isinstance(source, str) or not source:
-            raise VideoError(f"video reference must be a non-empty path string, got {source!r}")
-        meta = probe_video(source, data_path)
-        grid, _ = video_grid_from_meta(meta.num_frames, meta.fps, meta.height, meta.width, self.data_args,
-                                       self.vision_config)
-        return tuple(int(x) for x in grid)
+    def media_tokens(self, checked: CheckedRecord, data_path: str) -> tuple[list[int], list[list[int]], list[Any]]:
+        """LLM tokens of each image and of each video's vision blocks, and the videos' timestamps.
 
-    def media_tokens(self, checked: CheckedRecord, data_path: str) -> tuple[list[int], list[int]]:
-        """LLM tokens of each image and each video of a checked record, from headers and metadata.
+        Returns:
+            tuple: image token counts, per video its blocks' pad counts, per video its
+            timestamps (None for families that write none).
 
         Raises:
             SampleError: the dataset's kind and reason for the first bad image or video.
             OSError: a transient I/O error (for ``with_io_retries``).
         """
         merge = self.vision_config.merge_size
-        image_tokens, video_tokens = [], []
+        image_tokens, video_tokens, timestamps = [], [], []
         for number, source in enumerate(checked.images):
             try:
                 image_tokens.append(num_vision_tokens(self.image_grid(source, data_path), merge))
             except ImageError as exc:
                 raise SampleError(exc.kind, f"image {number}: {exc}") from None
-        if checked.videos:
-            from qwenvl.data.video import VideoError
-
-            for number, source in enumerate(checked.videos):
-                missing = media_file_problem(resolve_path(source, data_path), "video")
-                if missing is not None:
-                    raise SampleError("missing_media", f"video {number}: {missing}")
-                try:
-                    video_tokens.append(num_vision_tokens(self.video_grid(source, data_path), merge))
-                except VideoError as exc:
-                    raise SampleError("bad_video", f"video {number}: {exc}") from None
-        return image_tokens, video_tokens
+        for number, source in enumerate(checked.videos):
+            missing = media_file_problem(resolve_path(source, data_path), "video")
+            if missing is not None:
+                raise SampleError("missing_media", f"video {number}: {missing}")
+            try:
+                plan = self.video_plan(source, data_path)
+            except VideoError as exc:
+                raise SampleError("bad_video", f"video {number}: {exc}") from None
+            video_tokens.append(video_block_tokens(plan.grid_thw, merge, self.family))
+            timestamps.append(plan.timestamps)
+        return image_tokens, video_tokens, timestamps
 
     def count(self, sample: Any, data_path: str = "", annotation_path: str = "", index: int = 0) -> TokenCount:
         """Tokens of one annotation sample as the training dataset will produce them.
@@ -320,7 +263,7 @@ class TokenCounter:
         except BadSampleError as exc:
             return TokenCount(0, 0, exc.kind, exc.reason)
         try:
-            image_tokens, video_tokens = with_io_retries(lambda: self.media_tokens(checked, data_path),
+            image_tokens, video_tokens, timestamps = with_io_retries(lambda: self.media_tokens(checked, data_path),
                                                          self.io_retries, self.io_backoff,
                                                          f"{annotation_path}:{index}")
         except SampleError as exc:
@@ -330,7 +273,8 @@ class TokenCounter:
                 raise
             return TokenCount(0, 0, "io_error", f"I/O error after {self.io_retries + 1} attempts: {exc}")
         try:
-            input_ids, labels = encode_sample(self.encoder, checked.conversation, image_tokens, video_tokens, None)
+            input_ids, labels = encode_sample(self.encoder, checked.conversation, image_tokens, video_tokens, None,
+                                              timestamps)
         except SampleError as exc:
             return TokenCount(0, 0, exc.kind, exc.reason)
         full_length = len(input_ids)

@@ -27,19 +27,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from qwenvl.data.data_qwen import (
+from qwenvl.data.chat import (
     IMAGE_TAG,
     VIDEO_TAG,
     BadRecord,
     BadSampleError,
+    ChatEncoder,
     Conversation,
     ConversationError,
     Problem,
+    SampleError,
     SampleRef,
+    encode_sample,
     parse_conversation,
     sample_images,
     sample_videos,
 )
+from qwenvl.data.video import VideoError, VideoPlan, load_video_plan
 from qwenvl.data.vision import (
     ImageError,
     VisionConfig,
@@ -50,6 +54,8 @@ from qwenvl.data.vision import (
     resolve_path,
     smart_resize,
 )
+from qwenvl.models import ModelFamily, SpecialTokens, VisionSettings
+from qwenvl.train.argument import DataArguments
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +93,8 @@ MEDIA_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".
                     ".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v", ".mpeg", ".mpg")
 # Tokens that structure the chat or the vision blocks: inside a turn's text they would shift
 # the label mask or the image-token count. Grounding tokens (<|box_start|> ...) are fine.
-STRUCTURE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
-                    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# (The same strings for every Qwen-VL family so far; a family with others would pass its own.)
+STRUCTURE_TOKENS = SpecialTokens().structure()
 
 T = TypeVar("T")
 
@@ -254,23 +260,33 @@ def load_image_checked(source: str, number: int, data_path: str, annotation_path
 
 
 def load_video_checked(source: str, number: int, data_path: str, data_args: Any, vision_config: VisionConfig,
-                       annotation_path: str, index: int) -> tuple[Any, tuple[int, int, int], float]:
-    """``video.load_video`` with a missing file (``missing_media``) and ``VideoError`` (``bad_video``) as problems.
+                       annotation_path: str, index: int, family: ModelFamily | None = None,
+                       settings: VisionSettings | None = None) -> tuple[Any, VideoPlan]:
+    """``video.load_video_plan`` with a missing file (``missing_media``) and ``VideoError`` (``bad_video``) as problems.
+
+    Args:
+        source (str): the video reference as written.
+        number (int): its position among the sample's videos, for messages.
+        data_path (str): the dataset's media folder.
+        data_args (Any): the video flags.
+        vision_config (VisionConfig): patch geometry and normalisation.
+        annotation_path (str): the sample's file, for messages.
+        index (int): the sample's index, for messages.
+        family (ModelFamily | None): the checkpoint's family (its video rule); None = Qwen2/2.5-VL's.
+        settings (VisionSettings | None): the checkpoint's processor settings.
 
     Returns:
-        pixel_values_videos, grid_thw, second_per_grid_t (see ``load_video``).
+        tuple[Any, VideoPlan]: pixel_values_videos and the plan (grid, seconds, timestamps).
 
     Raises:
         BadSampleError: ``"{file}:{index}: video {number}: {why}"``.
     """
-    from qwenvl.data.video import VideoError, load_video
-
     path = resolve_path(source, data_path)
     missing = media_file_problem(path, "video")
     if missing is not None:
         raise BadSampleError(annotation_path, index, f"video {number}: {missing}", "missing_media")
     try:
-        return load_video(source, data_path, data_args, vision_config)
+        return load_video_plan(source, data_path, data_args, vision_config, family=family, settings=settings)
     except VideoError as exc:
         raise BadSampleError(annotation_path, index, f"video {number}: {exc}", "bad_video") from None
 
@@ -301,20 +317,18 @@ class SampleValidator:
     """
 
     def __init__(self, vision_config: VisionConfig, data_args: Any = None, tokenizer: Any = None,
-                 model_max_length: int | None = None, io_retries: int = 3, io_backoff: float = 0.5):
+                 model_max_length: int | None = None, io_retries: int = 3, io_backoff: float = 0.5,
+                 family: ModelFamily | None = None, settings: VisionSettings | None = None):
         if data_args is None:
-            from qwenvl.train.argument import DataArguments
-
             data_args = DataArguments()
+        self.family, self.settings = family, settings
         self.vision_config = vision_config
         self.data_args = data_args
         self.model_max_length = model_max_length
         self.io_retries, self.io_backoff = io_retries, io_backoff
         self.encoder = None
         if tokenizer is not None:
-            from qwenvl.data.data_qwen import ChatEncoder
-
-            self.encoder = ChatEncoder(tokenizer)
+            self.encoder = ChatEncoder(tokenizer, family)
 
     def check(self, record: Any, ref: SampleRef) -> None:
         """All checks of one record, in training's order.
@@ -325,7 +339,7 @@ class SampleValidator:
         path, index = ref.annotation_path, ref.index
         checked = check_record(record, path, index)
         cfg = self.vision_config
-        image_tokens, video_tokens = [], []
+        image_tokens, video_tokens, timestamps = [], [], []
         for number, source in enumerate(checked.images):
             image = self._retrying(lambda: load_image_checked(source, number, ref.data_path, path, index), ref)
             try:
@@ -335,14 +349,14 @@ class SampleValidator:
             image_tokens.append(num_vision_tokens((1, height // cfg.patch_size, width // cfg.patch_size),
                                                   cfg.merge_size))
         for number, source in enumerate(checked.videos):
-            _, grid, _ = self._retrying(lambda: load_video_checked(source, number, ref.data_path, self.data_args, cfg,
-                                                                   path, index), ref)
-            video_tokens.append(num_vision_tokens(grid, cfg.merge_size))
+            _, plan = self._retrying(lambda: load_video_checked(source, number, ref.data_path, self.data_args, cfg,
+                                                                path, index, self.family, self.settings), ref)
+            video_tokens.append(video_block_tokens(plan.grid_thw, cfg.merge_size, self.family))
+            timestamps.append(plan.timestamps)
         if self.encoder is not None:
-            from qwenvl.data.token_count import SampleError, encode_sample
-
             try:
-                encode_sample(self.encoder, checked.conversation, image_tokens, video_tokens, self.model_max_length)
+                encode_sample(self.encoder, checked.conversation, image_tokens, video_tokens, self.model_max_length,
+                              timestamps)
             except SampleError as exc:
                 raise BadSampleError(path, index, exc.reason, exc.kind) from None
 
@@ -367,6 +381,18 @@ class SampleValidator:
             return with_io_retries(load, self.io_retries, self.io_backoff, f"{ref.annotation_path}:{ref.index}")
         except OSError as exc:
             raise io_error(exc, ref.annotation_path, ref.index, self.io_retries + 1) from None
+
+
+def video_block_tokens(grid_thw: Sequence[int], merge_size: int, family: ModelFamily | None) -> list[int]:
+    """Pads of each vision block a video is written as (``family.video_block_lengths``; one block without a family).
+
+    Example:
+        >>> video_block_tokens((2, 4, 4), 2, None), video_block_tokens((2, 4, 4), 2, family_for("qwen3_vl"))
+        ([8], [4, 4])
+    """
+    if family is None:
+        return [num_vision_tokens(grid_thw, merge_size)]
+    return family.video_block_lengths(grid_thw, merge_size)
 
 
 def unexpected_reason(exc: BaseException) -> str:

@@ -1,4 +1,9 @@
-"""Videos -> sampled frames -> pixel values and grids, the Qwen2.5-VL way (SPEC 7), without torchvision.
+"""Videos -> sampled frames -> pixel values and grids (SPEC 7; Qwen3-VL: SPEC 13), without torchvision.
+
+Which frames and what size follow the checkpoint's family: Qwen2/2.5-VL sample about one frame
+per ``--base_interval`` seconds within per-frame pixel limits (here); a family with its own rule
+(``ModelFamily.video_frames``, Qwen3-VL: ``--video_fps`` and a pixel budget for the whole clip)
+picks them itself and adds the timestamps of its temporal patches to the plan.
 
 Flow, each step a function that can be called alone::
 
@@ -69,6 +74,7 @@ class VideoPlan(NamedTuple):
     width: int
     grid_thw: tuple[int, int, int]  # (ceil(n / temporal_patch_size), height / patch, width / patch)
     second_per_grid_t: float  # seconds covered by one temporal grid step
+    timestamps: tuple[float, ...] | None = None  # seconds of each temporal patch, for families that write them
 
 
 # ------------------------------------------------------------------ backend
@@ -379,37 +385,56 @@ def second_per_grid_t(num_sampled: int, duration: float, temporal_patch_size: in
     return float(temporal_patch_size / sampled_fps)
 
 
-def plan_video(meta: VideoMeta | Sequence, data_args: Any, cfg: VisionConfig) -> VideoPlan:
+def plan_video(meta: VideoMeta | Sequence, data_args: Any, cfg: VisionConfig, family: Any = None,
+               settings: Any = None) -> VideoPlan:
     """Which frames, what size, which grid: everything ``load_video`` will do, from metadata alone.
 
+    Qwen2/2.5-VL (``family`` None or one without its own rule): SPEC 7, ``base_interval``
+    and the frame-pixel flags. A family with its own rule (``family.video_frames``, Qwen3-VL:
+    ``--video_fps`` and the clip pixel budget) picks the frames and size and gives the
+    timestamps of its temporal patches.
+
     Args:
-        meta: (num_frames, fps, height, width), e.g. from ``probe_video``.
-        data_args: has ``base_interval``, ``video_min_frames``, ``video_max_frames``,
-            ``video_min_frame_pixels`` and ``video_max_frame_pixels``.
-        cfg: patch geometry.
+        meta (VideoMeta | Sequence): (num_frames, fps, height, width), e.g. from ``probe_video``.
+        data_args (Any): has ``base_interval``, ``video_min_frames``, ``video_max_frames``,
+            ``video_min_frame_pixels`` and ``video_max_frame_pixels`` (and ``video_fps``,
+            ``video_min_pixels``, ``video_max_pixels`` for Qwen3-VL).
+        cfg (VisionConfig): patch geometry.
+        family (Any): the checkpoint's ``ModelFamily``; None = the Qwen2/2.5-VL rule.
+        settings (Any): the checkpoint's ``VisionSettings`` (defaults of the video flags).
 
     Returns:
-        VideoPlan(indices, height, width, grid_thw, second_per_grid_t).
+        VideoPlan: indices, height, width, grid_thw, second_per_grid_t, timestamps.
 
     Raises:
         VideoError: the frame size cannot be resized (aspect ratio over 200).
     """
     num_frames, fps, height, width = meta
-    indices = sample_frame_indices(num_frames, fps, data_args.base_interval, data_args.video_min_frames,
-                                   data_args.video_max_frames)
     try:
-        resized_h, resized_w = smart_resize(height, width, cfg.factor, data_args.video_min_frame_pixels,
-                                            data_args.video_max_frame_pixels)
-    except ImageError as exc:
+        own = family.video_frames(num_frames, fps, height, width, data_args, settings) if family is not None else None
+    except ValueError as exc:  # the family's rule refusing the frame size
         raise VideoError(f"video frames cannot be resized: {exc}") from None
+    if own is not None:
+        indices, timestamps = own[0], tuple(own[3])
+        resized_h, resized_w = own[1], own[2]
+    else:
+        indices = sample_frame_indices(num_frames, fps, data_args.base_interval, data_args.video_min_frames,
+                                       data_args.video_max_frames)
+        timestamps = None
+        try:
+            resized_h, resized_w = smart_resize(height, width, cfg.factor, data_args.video_min_frame_pixels,
+                                                data_args.video_max_frame_pixels)
+        except ImageError as exc:
+            raise VideoError(f"video frames cannot be resized: {exc}") from None
     grid_t = -(-len(indices) // cfg.temporal_patch_size)  # odd counts are padded with the last frame
     grid = (grid_t, resized_h // cfg.patch_size, resized_w // cfg.patch_size)
     seconds = second_per_grid_t(len(indices), num_frames / fps, cfg.temporal_patch_size)
-    return VideoPlan(indices, resized_h, resized_w, grid, seconds)
+    return VideoPlan(indices, resized_h, resized_w, grid, seconds, timestamps)
 
 
 def video_grid_from_meta(
-    num_frames: int, fps: float, height: int, width: int, data_args: Any, cfg: VisionConfig
+    num_frames: int, fps: float, height: int, width: int, data_args: Any, cfg: VisionConfig, family: Any = None,
+    settings: Any = None,
 ) -> tuple[tuple[int, int, int], float]:
     """Grid (t, h, w) and seconds per temporal grid step of a video, without decoding it.
 
@@ -421,7 +446,7 @@ def video_grid_from_meta(
         >>> video_grid_from_meta(12, 12.0, 84, 112, args, VisionConfig())
         ((2, 6, 8), 0.5)
     """
-    plan = plan_video((num_frames, fps, height, width), data_args, cfg)
+    plan = plan_video((num_frames, fps, height, width), data_args, cfg, family, settings)
     return plan.grid_thw, plan.second_per_grid_t
 
 
@@ -571,21 +596,55 @@ def read_frames(path: str, indices: Sequence[int] | np.ndarray, backend: str | N
     raise VideoError(f"cannot decode video {path} ({'; '.join(errors)})")
 
 
+def load_video_plan(
+    source: str,
+    data_path: str,
+    data_args: Any,
+    vision_config: VisionConfig,
+    backend: str | None = None,
+    family: Any = None,
+    settings: Any = None,
+) -> tuple[np.ndarray, VideoPlan]:
+    """Probe, sample, decode, resize and patchify one video; the plan it followed comes back too.
+
+    Args:
+        source (str): video path, relative to ``data_path`` unless absolute.
+        data_path (str): the dataset's media folder.
+        data_args (Any): frame sampling and pixel limits (see ``plan_video``).
+        vision_config (VisionConfig): patch geometry and normalisation.
+        backend (str | None): decoder override (see ``read_frames``).
+        family (Any): the checkpoint's ``ModelFamily`` (see ``plan_video``).
+        settings (Any): the checkpoint's ``VisionSettings``.
+
+    Returns:
+        tuple[np.ndarray, VideoPlan]: pixel_values_videos (t * h * w, 3 * temporal_patch_size *
+        patch_size**2) float32, and the plan (``grid_thw``, ``second_per_grid_t``, ``timestamps``).
+
+    Raises:
+        VideoError: missing, unreadable or broken file; the message names the path.
+    """
+    if not isinstance(source, str) or not source:
+        raise VideoError(f"video reference must be a non-empty path string, got {source!r}")
+    path = resolve_path(source, data_path)
+    plan = plan_video(probe_video(path), data_args, vision_config, family, settings)
+    frames = read_frames(path, plan.indices, backend)  # (n, H, W, 3) uint8
+    frames = resize_frames(frames, plan.height, plan.width)  # (n, height, width, 3)
+    pixel_values, grid = patchify(frames, vision_config)  # (t * h * w, 1176)
+    if grid != plan.grid_thw:
+        raise RuntimeError(f"{path}: patchified grid {grid} differs from the planned grid {plan.grid_thw}")
+    return pixel_values, plan
+
+
 def load_video(
     source: str,
     data_path: str,
     data_args: Any,
     vision_config: VisionConfig,
     backend: str | None = None,
+    family: Any = None,
+    settings: Any = None,
 ) -> tuple[np.ndarray, tuple[int, int, int], float]:
-    """Probe, sample, decode, resize and patchify one video.
-
-    Args:
-        source: video path, relative to ``data_path`` unless absolute.
-        data_path: the dataset's media folder.
-        data_args: frame sampling and pixel limits (see ``plan_video``).
-        vision_config: patch geometry and normalisation.
-        backend: decoder override (see ``read_frames``).
+    """Probe, sample, decode, resize and patchify one video (``load_video_plan`` without the plan).
 
     Returns:
         pixel_values_videos: (t * h * w, 3 * temporal_patch_size * patch_size**2) float32,
@@ -600,13 +659,5 @@ def load_video(
         >>> pv.shape, grid, seconds
         ((96, 1176), (2, 6, 8), 0.5)
     """
-    if not isinstance(source, str) or not source:
-        raise VideoError(f"video reference must be a non-empty path string, got {source!r}")
-    path = resolve_path(source, data_path)
-    plan = plan_video(probe_video(path), data_args, vision_config)
-    frames = read_frames(path, plan.indices, backend)  # (n, H, W, 3) uint8
-    frames = resize_frames(frames, plan.height, plan.width)  # (n, height, width, 3)
-    pixel_values, grid = patchify(frames, vision_config)  # (t * h * w, 1176)
-    if grid != plan.grid_thw:
-        raise RuntimeError(f"{path}: patchified grid {grid} differs from the planned grid {plan.grid_thw}")
-    return pixel_values, grid, plan.second_per_grid_t
+    pixel_values, plan = load_video_plan(source, data_path, data_args, vision_config, backend, family, settings)
+    return pixel_values, plan.grid_thw, plan.second_per_grid_t

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from qwenvl.data.vision import VisionConfig
@@ -51,6 +52,16 @@ class SpecialTokens:
     vision_end: str = "<|vision_end|>"
     image_pad: str = "<|image_pad|>"
     video_pad: str = "<|video_pad|>"
+
+    def structure(self) -> tuple[str, ...]:
+        """Every token that structures the chat or a vision block, ``<|vision_pad|>`` included (no family
+        writes it, but the model would still treat it as a vision token): never allowed in a turn's text.
+
+        Example:
+            >>> "<|vision_pad|>" in SpecialTokens().structure()
+            True
+        """
+        return tuple(vars(self).values()) + ("<|vision_pad|>",)
 
     def ids(self, tokenizer: Any) -> TokenIds:
         """Look every token up in ``tokenizer``; never a hard-coded number.
@@ -287,6 +298,26 @@ class ModelFamily(ABC):
     @abstractmethod
     def video_block_lengths(self, grid_thw: GridThw, merge_size: int) -> list[int]:
         """Pad tokens of each vision block a video is written as, in order."""
+
+    def video_frames(
+        self, num_frames: int, fps: float, height: int, width: int, data_args: Any,
+        settings: VisionSettings | None = None,
+    ) -> tuple[np.ndarray, int, int, list[float]] | None:
+        """This family's own video sampling, or None for the Qwen2/2.5-VL rule of ``qwenvl.data.video`` (SPEC 7).
+
+        Args:
+            num_frames (int): frames in the video (container metadata).
+            fps (float): its frame rate.
+            height (int): frame height in pixels.
+            width (int): frame width in pixels.
+            data_args (Any): ``DataArguments`` (the video flags).
+            settings (VisionSettings | None): the checkpoint's processor settings; None = released defaults.
+
+        Returns:
+            tuple[np.ndarray, int, int, list[float]] | None: (frame indices, resized height,
+            resized width, seconds of each temporal patch), or None.
+        """
+        return None
 
     # -------------------------------------------------------------- positions
     @abstractmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwenvl.models import family_for
+from qwenvl.models import FAMILIES, family_for
 
 
 def model_class_for(config: Any) -> type:
@@ -25,8 +25,6 @@ def model_class_for(config: Any) -> type:
     try:
         family = family_for(config)
     except ValueError:
-        from qwenvl.models import FAMILIES
-
         raise ValueError(f"model_type {model_type!r} is not supported; expected one of {', '.join(FAMILIES)}") from None
     return family.model_class()
 

@@ -232,6 +232,36 @@ class Qwen3VLFamily(ModelFamily):
         block = self.tokens.vision_start + self.tokens.video_pad * lengths[0] + self.tokens.vision_end
         return "".join(f"<{seconds:.1f} seconds>{block}" for seconds in timestamps)
 
+    def video_frames(
+        self, num_frames: int, fps: float, height: int, width: int, data_args: Any,
+        settings: VisionSettings | None = None,
+    ) -> tuple[np.ndarray, int, int, list[float]]:
+        """The Qwen3-VL video processor's plan: ``--video_fps`` frames per second within
+        ``--video_min_frames``..``--video_max_frames``; the frame size from the clip's pixel budget
+        ``--video_min_pixels``..``--video_max_pixels`` (None: the checkpoint's video processor
+        config); one timestamp per temporal patch.
+
+        Raises:
+            ValueError: an aspect ratio over 200, or fewer frames than a temporal patch.
+
+        Example:
+            >>> from types import SimpleNamespace  # the DataArguments fields read here, at their defaults
+            >>> args = SimpleNamespace(video_fps=2.0, video_min_frames=4, video_max_frames=8,
+            ...                        video_min_pixels=None, video_max_pixels=None)
+            >>> indices, height, width, seconds = QWEN3_VL.video_frames(12, 12.0, 84, 112, args)
+            >>> indices.tolist(), height, width, [round(s, 3) for s in seconds]
+            ([0, 4, 7, 11], 96, 128, [0.167, 0.75])
+        """
+        settings = settings or self.vision_defaults
+        indices = frame_indices(num_frames, fps, float(data_args.video_fps), int(data_args.video_min_frames),
+                                int(data_args.video_max_frames))
+        low = data_args.video_min_pixels if data_args.video_min_pixels is not None else settings.video_min_pixels
+        high = data_args.video_max_pixels if data_args.video_max_pixels is not None else settings.video_max_pixels
+        tps = settings.temporal_patch_size
+        frames = max(len(indices), tps)  # a shorter clip is padded with its last frame
+        resized_h, resized_w = video_frame_size(frames, height, width, settings.factor, tps, int(low), int(high))
+        return indices, resized_h, resized_w, video_timestamps(indices, fps, tps)
+
     def video_block_lengths(self, grid_thw: GridThw, merge_size: int) -> list[int]:
         """t blocks of h*w / merge**2 pads."""
         t, h, w = (int(x) for x in grid_thw)

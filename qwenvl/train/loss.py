@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 from torch import nn
 
 IGNORE_INDEX = -100
@@ -126,7 +127,6 @@ def liger_available() -> bool:
     """True when ``liger-kernel`` >= 0.4 (``reduction="sum"`` in its fused loss) can be imported."""
     import importlib.metadata
 
-    from packaging.version import Version
     from transformers.utils import is_liger_kernel_available
 
     if not is_liger_kernel_available():

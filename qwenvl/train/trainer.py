@@ -14,6 +14,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from qwenvl.data.data_qwen import BAD_SAMPLES_KEY
 from qwenvl.train.bad_samples import BadSampleMonitor
+from qwenvl.train.checkpoint import checkpoint_weight_files, load_checkpoint_weights
 from qwenvl.train.guards import SAMPLE_REFS_KEY, NonFiniteGuard, SampleRefsCollator, WithSampleRefs
 from qwenvl.train.loss import compute_lm_loss, select_loss_impl
 
@@ -464,8 +465,6 @@ class QwenVLTrainer(Trainer):
         """A checkpoint the Trainer would load with a plain ``load_state_dict`` (not DeepSpeed/FSDP/peft)."""
         from transformers.trainer import _is_peft_model
 
-        from qwenvl.train.checkpoint import checkpoint_weight_files
-
         return bool(folder) and not (self.is_deepspeed_enabled or self.is_fsdp_enabled or _is_peft_model(model)) \
             and checkpoint_weight_files(folder) is not None
 
@@ -477,8 +476,6 @@ class QwenVLTrainer(Trainer):
         model = self.model if model is None else model
         if not self._plain_weights_checkpoint(resume_from_checkpoint, model):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from qwenvl.train.checkpoint import load_checkpoint_weights
-
         logger.info("loading weights of %s", resume_from_checkpoint)
         self._issue_warnings_after_load(load_checkpoint_weights(model, resume_from_checkpoint))
 
@@ -487,8 +484,6 @@ class QwenVLTrainer(Trainer):
         best = self.state.best_model_checkpoint
         if not self._plain_weights_checkpoint(best, self.model):
             return super()._load_best_model()
-        from qwenvl.train.checkpoint import load_checkpoint_weights
-
         logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
         self._issue_warnings_after_load(load_checkpoint_weights(self.model, best))
 

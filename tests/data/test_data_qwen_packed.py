@@ -212,3 +212,30 @@ def test_errors_name_the_packed_file_group_and_sample(packed_files, tokenizer, i
         assert torch.equal(batch["input_ids"], flatten_instances(group[:-1])["input_ids"])
     finally:
         del registry.data_dict["broken_pack"]
+
+
+class PackedFailsUnexpectedly(PackedSupervisedDataset):
+    """A failure no check foresees, raised by the second sample of the first group (``get_item``)."""
+
+    def get_item(self, i):
+        if i == self.groups[0][1]:
+            raise TypeError("no check foresaw this")
+        return super().get_item(i)
+
+
+def test_packed_samples_go_through_the_bad_sample_policy(packed_files, tokenizer, image_processor):
+    """Packed rows are loaded with load_sample: an unexpected error is that sample's problem (skip) or names it."""
+    cfg = VisionConfig.from_image_processor(image_processor, PIXELS["min_pixels"], PIXELS["max_pixels"])
+    args = DataArguments(dataset_use="picked_one_pack", **PIXELS)
+    skipping = PackedFailsUnexpectedly(tokenizer, args, cfg, model_max_length=MAX_LENGTH, bad_sample_policy="skip")
+    group = skipping[0]
+    pack = str(packed_files["folder"] / "one_pack.json")
+    assert group[1] == Problem("picked_one_pack", pack, 0, "unexpected_error",
+                               "sample 1 of the group: unexpected error: TypeError: no check foresaw this")
+    assert all(isinstance(item, dict) for position, item in enumerate(group) if position != 1)
+    batch = PackedDataCollatorForSupervisedDataset()([group])
+    assert batch[BAD_SAMPLES_KEY] == [group[1]]
+    stopping = PackedFailsUnexpectedly(tokenizer, args, cfg, model_max_length=MAX_LENGTH, bad_sample_policy="error")
+    with pytest.raises(TypeError) as info:
+        stopping[0]
+    assert info.value.__notes__ == [f"while loading sample {pack}:0"]

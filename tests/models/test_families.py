@@ -35,21 +35,9 @@ import qwenvl.models.qwen3_vl
 from qwenvl.data.vision import image_grid_thw
 from qwenvl.models import FAMILIES, LLM, PROJECTOR, VISION_TOWER, family_for
 from qwenvl.models.qwen3_vl import QWEN3_VL, frame_indices, video_frame_size, video_timestamps
-from tools.build_tiny_model import build_tiny_model
 
 MODEL_TYPES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 QWEN3 = ["qwen3_vl", "qwen3_vl_moe"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One tiny checkpoint folder per family: the session's Qwen2/2.5-VL ones, Qwen3-VL built here."""
-    root = tmp_path_factory.mktemp("families")
-    return {
-        "qwen2_vl": request.getfixturevalue("tiny_qwen2_model_dir"),
-        "qwen2_5_vl": request.getfixturevalue("tiny_model_dir"),
-        **{model_type: build_tiny_model(root / model_type, model_type) for model_type in QWEN3},
-    }
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from qwenvl.data.data_qwen import Conversation
 from qwenvl.data.vision import VisionConfig, open_image, process_image
 from qwenvl.train.argument import ModelArguments, TrainingArguments
 from qwenvl.train.lora import apply_lora, merge_lora
-from qwenvl.train.train_qwen import load_image_processor
+from qwenvl.models.loading import load_image_processor
 from tests.conftest import REPO_ROOT
 from tools.infer import Prediction, Predictor, accuracy_table, main
 
@@ -79,8 +79,9 @@ def test_prompt_equals_chat_template_and_model_rope(request, fixture):
 def test_generation_equals_the_models_own_mrope_path(predictor):
     inputs = predictor.encode_prompt(Conversation(None, [("user", "<image>\nWhere is the blue square?")]),
                                      [str(DEMO / "images" / "two_shapes.jpg")])
-    no_positions = {k: v for k, v in inputs.items() if k != "position_ids"}
+    no_positions = {k: v for k, v in inputs.items() if k not in ("position_ids", "mm_token_type_ids")}
     mm_token_type_ids = (inputs["input_ids"] == predictor.encoder.image_pad_id).int()
+    assert torch.equal(inputs["mm_token_type_ids"], mm_token_type_ids)  # what generation needs (Qwen3-VL)
 
     def step_logits(**kwargs) -> torch.Tensor:
         out = predictor.model.generate(**kwargs, max_new_tokens=4, do_sample=False, output_logits=True,
@@ -92,6 +93,40 @@ def test_generation_equals_the_models_own_mrope_path(predictor):
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
     flat = step_logits(**no_positions)  # 1-D positions: what the model does without either
     assert (flat - ours).abs().max() > 1e-3, "positions must matter, or this test proves nothing"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_type", ["qwen3_vl", "qwen3_vl_moe"])
+def test_qwen3_answers_and_generation_equals_the_models_own_mrope_path(tiny_dirs, model_type, capsys):
+    """An image and a video (timestamped blocks): our positions generate what the model's own rule does."""
+    folder = tiny_dirs[model_type]
+    predictor = Predictor.from_pretrained(folder, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    conversation = Conversation(None, [("user", "<video>\nAnd the picture <image>: same shape?")])
+    inputs = predictor.encode_prompt(conversation, [str(DEMO / "images" / "red_circle.jpg")],
+                                     ["videos/red_square.mp4"], str(DEMO))
+    ids = inputs["input_ids"][0].tolist()
+    tokenizer = predictor.tokenizer
+    assert tokenizer.decode(ids[:3]) == "<|im_start|>user\n"  # no default system prompt
+    assert tokenizer.decode(ids).count(" seconds><|vision_start|>") == inputs["video_grid_thw"][0, 0].item()
+    assert "second_per_grid_ts" not in inputs
+    mm_token_type_ids = (inputs["input_ids"] == predictor.encoder.image_pad_id).int() + 2 * (
+        inputs["input_ids"] == predictor.encoder.video_pad_id).int()
+    assert torch.equal(inputs["mm_token_type_ids"], mm_token_type_ids)
+    positions, _ = predictor.model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=mm_token_type_ids, image_grid_thw=inputs["image_grid_thw"],
+        video_grid_thw=inputs["video_grid_thw"].clone())
+    assert torch.equal(inputs["position_ids"][1:], positions)
+
+    def step_logits(**kwargs) -> torch.Tensor:
+        out = predictor.model.generate(**kwargs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                       return_dict_in_generate=True)
+        return torch.stack(out.logits)
+
+    reference = step_logits(**{k: v for k, v in inputs.items() if k != "position_ids"})
+    torch.testing.assert_close(step_logits(**inputs), reference, atol=1e-5, rtol=0)
+    main(["--model", str(folder), "--image", str(DEMO / "images" / "red_circle.jpg"), "--prompt", "What shape?",
+          "--max_new_tokens", "4", *PIXEL_FLAGS])
+    assert capsys.readouterr().out.strip()
 
 
 def reference_answer(predictor: Predictor, question: str, image: str, max_new_tokens: int) -> str:

@@ -258,6 +258,29 @@ def test_cli_counts_equal_the_dataset_and_every_sample_is_packed_once(packed_dem
     assert "--data_packing True --dataset_use demo_pack" in stdout
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_cli_counts_equal_the_dataset_under_every_family(tiny_dirs, tmp_path, model_type):
+    """The tool's counts (header-only) == len(input_ids) of the family's dataset, every demo sample."""
+    from transformers import AutoTokenizer
+
+    from qwenvl.models import family_for
+    from qwenvl.models.loading import load_image_processor
+
+    folder = tiny_dirs[model_type]
+    main([*DEMO, "--model_name_or_path", str(folder), "--output", str(tmp_path / "demo_pack.json"),
+          "--cache_dir", str(tmp_path), "--pack_length", "16384", "--model_max_length", "8192"])
+    family = family_for(model_type)
+    args = DataArguments()
+    cfg = vision_config(load_image_processor(str(folder)), args.min_pixels, args.max_pixels)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for config in data_list(DEMO):
+        cache_name = Path(config["annotation_path"]).name.rsplit(".", 1)[0] + "_count.json"
+        counts = json.loads((tmp_path / cache_name).read_text())["counts"]
+        dataset = LazySupervisedDataset(tokenizer, args, cfg, model_max_length=8192, dataset_use=config["name"],
+                                        family=family, vision_settings=family.vision_settings(folder))
+        assert [c[0] for c in counts] == [len(dataset[i]["input_ids"]) for i in range(len(dataset))], config["name"]
+
+
 def test_second_run_reuses_the_cache_and_changed_settings_recount(packed_demo, tiny_model_dir, tmp_path):
     folder, _ = packed_demo
     common = [*DEMO, "--model_name_or_path", str(tiny_model_dir), "--cache_dir", str(folder),

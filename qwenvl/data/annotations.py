@@ -1,0 +1,708 @@
+"""Annotation store: a source's records converted once into a memory-mapped Arrow file.
+
+Every rank and DataLoader worker of a node maps the same file, so the records live once in
+the OS page cache instead of once per process as Python objects (about 2.7 KB per sample).
+The file is built by one process per node (a file lock; the others wait) and renamed into
+place when complete; it is rebuilt when the source's files, the column mapping or this code
+change.
+
+Layout of ``{cache_dir}/{name}-{key}.arrow`` (Arrow IPC stream, readable with
+``datasets.Dataset.from_file``), one row per sample in source order:
+
+============== ============== ====================================================
+column         type           content
+============== ============== ====================================================
+record         large_binary   the record as UTF-8 JSON text (a JSONL line as written)
+media          list<binary>   inline image bytes of mapped Hugging Face rows, else null
+bad            bool           the row is a problem (a JSONL line that does not parse, ...)
+num_images     int32          ``len(sample_images(record))``
+num_videos     int32          ``len(sample_videos(record))``
+text_chars     int64          characters in the turns' text
+text_words     int32          whitespace-separated words in the turns' text
+rough_length   int64          words + 256 per image + 512 per video (1 without turns)
+============== ============== ====================================================
+
+One JSON column rather than a nested Arrow schema: records differ in shape (``image`` a
+string or a list, ``from``/``value`` or ``role``/``content``, extra keys), and reading one
+row back is faster as ``json.loads`` of its bytes than as a nested Arrow row (``bench/annotations.py``
+measures both).
+
+Example:
+    >>> store = open_store(resolve_source("demo/text_only.jsonl"))
+    >>> len(store), store[0]["conversations"][1]["value"]
+    (8, 'Green.')
+"""
+
+from __future__ import annotations
+
+import bisect
+import codecs
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from qwenvl.data.chat import BadRecord, SampleRef, load_annotations, sample_images, sample_indices, sample_videos
+from qwenvl.data.sources import (
+    RowError,
+    Source,
+    SourceError,
+    data_uri,
+    iter_batches,
+    make_record,
+    resolve_mapping,
+    resolve_sources,
+    source_columns,
+)
+from qwenvl.data.vision import media_file_problem
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the layout changes (the code hash below catches the rest)
+CACHE_ENV = "QWENVL_ANNOTATION_CACHE"
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "qwenvl", "annotations")
+ROWS_PER_BATCH = 8192
+_INLINE = "$inline"  # placeholder {"$inline": k} for the k-th inline image of a row (bytes in ``media``)
+_WS = re.compile(r"[ \t\n\r]*")
+_CODE_FILES = ("annotations.py", "sources.py")
+
+
+def default_cache_dir() -> str:
+    """``$QWENVL_ANNOTATION_CACHE``, else ``~/.cache/qwenvl/annotations``."""
+    return os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR)
+
+
+# ------------------------------------------------------------------ cache key
+def fingerprint_file(path: str, probe: int = 1 << 20) -> list:
+    """What identifies a file's content cheaply: size, mtime (ns) and a hash of its first and last ``probe`` bytes.
+
+    Example:
+        >>> fingerprint_file("demo/text_only.jsonl")[0]
+        1197
+    """
+    stat = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(probe))
+        if stat.st_size > probe:
+            handle.seek(max(probe, stat.st_size - probe))
+            digest.update(handle.read(probe))
+    return [stat.st_size, stat.st_mtime_ns, digest.hexdigest()[:32]]
+
+
+def _code_hash() -> str:
+    digest = hashlib.sha256(str(FORMAT_VERSION).encode())
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in _CODE_FILES:
+        with open(os.path.join(here, name), "rb") as handle:
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def cache_key(source: Source) -> str:
+    """Hex key of a source's store: its files' fingerprints, kind, location, split, mapping and this code.
+
+    ``%N`` and the name are not part of it: the store holds every record, and subsets are
+    taken when it is opened.
+    """
+    probe = 1 << 20 if len(source.files) <= 16 else 1 << 16
+    material = {
+        "code": _code_hash(),
+        "kind": source.kind,
+        "location": source.location if source.kind == "hub" else os.path.abspath(source.location),
+        "split": source.split,
+        "columns": sorted(source.columns.items()),
+        "system_prompt": source.system_prompt,
+        "files": [[os.path.abspath(f), *fingerprint_file(f, probe)] for f in source.files],
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def store_path(source: Source, cache_dir: str | None = None) -> str:
+    """Where the store of ``source`` lives: ``{cache_dir}/{readable name}-{cache_key}.arrow``."""
+    readable = re.sub(r"[^\w.-]+", "_", os.path.basename(source.location.rstrip("/")) or source.name)[:60]
+    return os.path.join(cache_dir or default_cache_dir(), f"{readable}-{cache_key(source)}.arrow")
+
+
+# ------------------------------------------------------------------ record statistics
+def record_stats(record: Any) -> tuple[int, int, int, int, int]:
+    """(num_images, num_videos, text_chars, text_words, rough_length) of one record.
+
+    ``rough_length`` is the rule ``LazySupervisedDataset.lengths`` uses: words in the turns
+    plus 256 per image and 512 per video, 1 for a record without a list of turns.
+
+    Example:
+        >>> record_stats({"image": "a.jpg", "conversations": [{"from": "human", "value": "<image> hi there"},
+        ...               {"from": "gpt", "value": "yo"}]})
+        (1, 0, 18, 4, 260)
+    """
+    if not isinstance(record, dict):
+        return 0, 0, 0, 0, 1
+    images, videos = len(sample_images(record)), len(sample_videos(record))
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        return images, videos, 0, 0, 1
+    texts = [str(t.get("value", t.get("content", ""))) for t in turns if isinstance(t, dict)]
+    words = sum(len(text.split()) for text in texts)
+    return images, videos, sum(len(text) for text in texts), words, words + 256 * images + 512 * videos
+
+
+# ------------------------------------------------------------------ conversion
+class _Writer:
+    """Accumulates rows and writes them as Arrow record batches of ``ROWS_PER_BATCH``."""
+
+    def __init__(self, path: str, metadata: dict[str, str]):
+        import pyarrow as pa
+
+        self.pa = pa
+        self.schema = pa.schema([
+            ("record", pa.large_binary()), ("media", pa.list_(pa.large_binary())), ("bad", pa.bool_()),
+            ("num_images", pa.int32()), ("num_videos", pa.int32()), ("text_chars", pa.int64()),
+            ("text_words", pa.int32()), ("rough_length", pa.int64()),
+        ], metadata=metadata)
+        self.sink = pa.OSFile(path, "wb")
+        self.writer = pa.ipc.new_stream(self.sink, self.schema)
+        self.columns: list[list] = [[] for _ in self.schema.names]
+        self.rows = 0
+        self.bad_rows: list[int] = []
+        self.num_bad = 0
+        self.any_media = False
+
+    def add(self, text: bytes, record: Any, media: list[bytes] | None = None) -> None:
+        stats = record_stats(record)
+        for column, value in zip(self.columns, (text, media, False, *stats)):
+            column.append(value)
+        self.any_media = self.any_media or bool(media)
+        self._advance()
+
+    def add_bad(self, problem: dict[str, Any]) -> None:
+        for column, value in zip(self.columns, (json.dumps({"$bad": problem}).encode(), None, True, 0, 0, 0, 0, 1)):
+            column.append(value)
+        if len(self.bad_rows) < 1000:
+            self.bad_rows.append(self.rows)
+        self.num_bad += 1
+        self._advance()
+
+    def _advance(self) -> None:
+        self.rows += 1
+        if len(self.columns[0]) >= ROWS_PER_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.columns[0]:
+            arrays = [self.pa.array(column, type=f.type) for column, f in zip(self.columns, self.schema)]
+            self.writer.write_batch(self.pa.record_batch(arrays, schema=self.schema))
+            self.columns = [[] for _ in self.schema.names]
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        self.sink.close()
+
+
+def _dumps(record: Any) -> bytes:
+    try:
+        return json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: keep it as a \\u escape, as in the source file
+        return json.dumps(record).encode("utf-8")
+
+
+def _split_inline(record: dict[str, Any]) -> tuple[dict[str, Any], list[bytes] | None]:
+    """Move inline image bytes out of a mapped record into a list; ``{"$inline": k}`` marks their places."""
+    media: list[bytes] = []
+
+    def out(value: Any) -> Any:
+        if isinstance(value, bytes):
+            media.append(value)
+            return {_INLINE: len(media) - 1}
+        return value
+
+    for key in ("image", "images"):
+        if key in record:
+            value = record[key]
+            record[key] = [out(v) for v in value] if isinstance(value, list) else out(value)
+    return record, media or None
+
+
+def _parse_jsonl_line(raw: bytes) -> tuple[Any, str | None]:
+    """(record, None), or (None, the reason ``load_annotations`` gives for a bad line)."""
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError as exc:
+        return None, f"not valid UTF-8 (column {exc.start + 1})"
+    except json.JSONDecodeError as exc:
+        return None, f"{exc.msg} (column {exc.colno})"
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[bytes, Any, int, str | None]]:
+    """(raw line, record, line number, bad-line reason) for every non-blank line, reading one line at a time."""
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\n")
+            if not raw.strip():
+                continue
+            record, detail = _parse_jsonl_line(raw)
+            yield raw, record, line_no, detail
+
+
+class _Fallback(Exception):
+    """The streaming JSON reader met something unusual; ``load_annotations`` decides (and words the error)."""
+
+
+def _iter_json_list(path: str, chunk_bytes: int = 1 << 24) -> Iterator[tuple[bytes, Any]]:
+    """(element text, element) of a JSON list, holding only ``chunk_bytes`` of text and one element at a time.
+
+    Raises:
+        _Fallback: not a list, broken JSON or UTF-8, trailing data: the caller lets
+            ``load_annotations`` read the file (it raises the usual error, or handles the case).
+    """
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as handle:
+        state = {"buf": "", "eof": False}
+
+        def more(keep_from: int) -> None:
+            data = handle.read(chunk_bytes)
+            try:
+                text = utf8.decode(data, final=not data)
+            except UnicodeDecodeError:
+                raise _Fallback from None
+            state["buf"] = state["buf"][keep_from:] + text
+            state["eof"] = not data
+
+        def skip_ws(pos: int) -> int:
+            while True:
+                pos = _WS.match(state["buf"], pos).end()
+                if pos < len(state["buf"]) or state["eof"]:
+                    return pos
+                more(pos)
+                pos = 0
+
+        more(0)
+        if state["buf"].startswith("\ufeff"):
+            state["buf"] = state["buf"][1:]
+        pos = skip_ws(0)
+        if state["buf"][pos:pos + 1] != "[":
+            raise _Fallback  # one object, not JSON, or empty
+        pos = skip_ws(pos + 1)
+        if state["buf"][pos:pos + 1] == "]":
+            raise _Fallback  # an empty list: load_annotations says so
+        while True:
+            try:
+                element, end = decoder.raw_decode(state["buf"], pos)
+                if end >= len(state["buf"]) and not state["eof"]:  # a number cut at the chunk's end?
+                    raise json.JSONDecodeError("incomplete", state["buf"], end)
+            except json.JSONDecodeError:
+                if state["eof"]:
+                    raise _Fallback from None
+                more(pos)
+                pos = 0
+                continue
+            yield state["buf"][pos:end].encode("utf-8"), element
+            after = skip_ws(end)
+            char = state["buf"][after:after + 1]
+            if char == "]":
+                if skip_ws(after + 1) < len(state["buf"]):
+                    raise _Fallback  # data after the list
+                return
+            if char != ",":
+                raise _Fallback
+            pos = skip_ws(after + 1)
+            if state["buf"][pos:pos + 1] in ("]", ""):
+                raise _Fallback  # a trailing comma
+
+
+class _Adder:
+    """Adds records of a JSON source to a writer: as written, or through the source's column mapping.
+
+    JSON records differ in their keys, so a mapping is resolved as if its columns existed and
+    checked at the end (``finish``): a mapped key that no record has is an error.
+    """
+
+    def __init__(self, source: Source, writer: _Writer):
+        self.source, self.writer = source, writer
+        self.mapping = None
+        self.keys: set[str] = set()
+
+    def __call__(self, text: bytes | None, record: Any) -> None:
+        if not self.source.mapped or not isinstance(record, dict):
+            self.writer.add(text if text is not None else _dumps(record), record)
+            return
+        self.keys.update(record)
+        if self.mapping is None:
+            self.mapping = resolve_mapping(self.source, list(dict.fromkeys([*record, *self.source.columns.values()])))
+        try:
+            record, media = _split_inline(make_record(record, self.mapping))
+        except RowError as exc:
+            self.writer.add_bad({"reason": exc.reason, "kind": exc.kind})
+            return
+        self.writer.add(_dumps(record), record, media)
+
+    def finish(self) -> None:
+        """Raise ``resolve_mapping``'s error for a mapped key that no record has (the message lists the keys seen)."""
+        if self.mapping is not None:
+            resolve_mapping(self.source, sorted(self.keys))
+
+
+class _Restart(Exception):
+    """The streaming reader gave up on a file that ``load_annotations`` reads: convert these records instead."""
+
+    def __init__(self, records: list):
+        super().__init__("restart")
+        self.records = records
+
+
+def _convert_json(source: Source, writer: _Writer) -> None:
+    path = source.location
+    missing = media_file_problem(path, "annotation")
+    if missing is not None:
+        raise ValueError(missing)
+    add = _Adder(source, writer)
+    if source.kind == "jsonl":
+        for raw, record, line_no, detail in _iter_jsonl(path):
+            if detail is None:
+                add(raw, record)
+            else:
+                writer.add_bad({"reason": f"line {line_no}: invalid JSON line: {detail}", "kind": "bad_json",
+                                "line": line_no, "detail": detail})
+        if not writer.rows:
+            load_annotations(path, bad_lines="keep")  # raises "the annotation file is empty"
+        add.finish()
+        return
+    try:
+        for text, record in _iter_json_list(path):
+            add(text, record)
+        add.finish()
+    except _Fallback:
+        # load_annotations raises the error, worded as before; or reads a case the stream reader leaves to it
+        raise _Restart(load_annotations(path, bad_lines="keep")) from None
+
+
+def _convert_hf(source: Source, writer: _Writer) -> None:
+    mapping = resolve_mapping(source, source_columns(source))
+    for rows in iter_batches(source):
+        for row in rows:
+            try:
+                record, media = _split_inline(make_record(row, mapping))
+            except RowError as exc:
+                writer.add_bad({"reason": exc.reason, "kind": exc.kind})
+                continue
+            writer.add(_dumps(record), record, media)
+
+
+def build_store(source: Source, path: str) -> None:
+    """Convert every record of ``source`` into the Arrow file ``path`` (written aside, then renamed).
+
+    A JSON list is read as a stream (one element at a time); a JSON file that is one object
+    (or that the stream reader does not follow) is read whole by ``load_annotations``.
+
+    Raises:
+        ValueError: the annotation file's errors, as ``load_annotations`` words them.
+        SourceError: a bad Hugging Face source or column mapping.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    metadata = {"source": source.location, "kind": source.kind, "split": str(source.split),
+                "columns": json.dumps(source.columns), "format_version": str(FORMAT_VERSION)}
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        writer = _Writer(temporary, metadata)
+        try:
+            if source.kind in ("json", "jsonl"):
+                _convert_json(source, writer)
+            else:
+                _convert_hf(source, writer)
+        except _Restart as restart:
+            writer.close()
+            writer = _Writer(temporary, metadata)
+            add = _Adder(source, writer)
+            for record in restart.records:
+                add(None, record)
+            add.finish()
+        writer.close()
+        if writer.rows == 0:
+            raise SourceError(f"{source.describe()}: the dataset holds no samples")
+        with open(temporary + ".meta", "w", encoding="utf-8") as handle:
+            json.dump({"rows": writer.rows, "num_bad": writer.num_bad, "bad_rows": writer.bad_rows,
+                       "any_media": writer.any_media}, handle)
+        os.replace(temporary + ".meta", path + ".meta")  # before the store: a store never lacks its .meta
+        os.replace(temporary, path)
+    finally:
+        for leftover in (temporary, temporary + ".meta"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def open_store(source: Source, cache_dir: str | None = None) -> "AnnotationStore":
+    """The store of ``source``, built first if no valid one is cached (one process per cache folder builds).
+
+    Args:
+        source: from ``sources.resolve_source``.
+        cache_dir: where stores live; ``default_cache_dir()`` when None.
+
+    Returns:
+        the opened, memory-mapped store.
+
+    Raises:
+        ValueError: the annotation file cannot be read (``load_annotations``'s messages).
+        SourceError: a bad Hugging Face source or column mapping (named, with the columns that exist).
+    """
+    from filelock import FileLock, Timeout
+
+    path = store_path(source, cache_dir)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock = FileLock(path + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logger.info("waiting for another process to convert %s into %s", source.describe(), path)
+            lock.acquire()
+        try:
+            if not os.path.exists(path):
+                logger.info("converting %s into %s (once; later runs reuse it)", source.describe(), path)
+                build_store(source, path)
+        finally:
+            lock.release()
+    return AnnotationStore(path, source)
+
+
+# ------------------------------------------------------------------ reading
+class AnnotationStore:
+    """Read-only, memory-mapped records of one source; ``store[i]`` parses record ``i`` on demand.
+
+    Picklable (it pickles as its path), so spawned DataLoader workers map the same file.
+
+    Attributes:
+        source: what the records came from.
+        path: the Arrow file.
+        num_bad: rows that are problems (``store[i]`` is a ``BadRecord`` for them).
+        bad_rows: the first 1000 of those rows.
+    """
+
+    def __init__(self, path: str, source: Source):
+        self.path, self.source = path, source
+        self._open()
+
+    def _open(self) -> None:
+        import pyarrow as pa
+
+        self._mmap = pa.memory_map(self.path)
+        self.table = pa.ipc.open_stream(self._mmap).read_all()  # zero-copy views into the mapping
+        meta_path = self.path + ".meta"
+        with open(meta_path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+        self.num_bad, self.bad_rows, self.any_media = meta["num_bad"], meta["bad_rows"], meta["any_media"]
+        self._chunks = []  # per record batch: (offsets (n+1,) int64, data bytes)
+        starts = [0]
+        for chunk in self.table.column("record").chunks:
+            _, offsets, data = chunk.buffers()
+            offsets = np.frombuffer(offsets, dtype=np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+            self._chunks.append((offsets, memoryview(data)))
+            starts.append(starts[-1] + len(chunk))
+        self._starts = starts
+        self._bad = self._media = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "source": self.source}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.source = state["path"], state["source"]
+        self._open()
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def raw(self, i: int) -> bytes:
+        """Row ``i``'s record as stored (UTF-8 JSON text)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.source.describe()}: index {i} out of range (0..{len(self) - 1})")
+        chunk = bisect.bisect_right(self._starts, i) - 1
+        offsets, data = self._chunks[chunk]
+        j = i - self._starts[chunk]
+        return bytes(data[offsets[j]:offsets[j + 1]])
+
+    def is_bad(self, i: int) -> bool:
+        """Whether row ``i`` is a problem row."""
+        if not self.num_bad:
+            return False
+        if self._bad is None:
+            self._bad = self.table.column("bad").to_numpy()
+        return bool(self._bad[i])
+
+    def __getitem__(self, i: int) -> Any:
+        """Record ``i`` as ``load_annotations`` would give it (a ``BadRecord`` for a problem row)."""
+        record = json.loads(self.raw(i))
+        if self.is_bad(i):
+            problem = record["$bad"]
+            return BadRecord(problem["reason"], problem["kind"])
+        if self.any_media and isinstance(record, dict):
+            media = self.table.column("media")[i].as_py()
+            if media:
+                for key in ("image", "images"):
+                    value = record.get(key)
+                    if isinstance(value, list):
+                        record[key] = [_inline(v, media) for v in value]
+                    elif value is not None:
+                        record[key] = _inline(value, media)
+        return record
+
+    def column(self, name: str) -> np.ndarray:
+        """A numeric column (``num_images``, ``num_videos``, ``text_chars``, ``text_words``, ``rough_length``)."""
+        return self.table.column(name).to_numpy()
+
+    def check_bad_lines(self) -> None:
+        """Raise the error ``load_annotations(bad_lines="raise")`` raises for the first bad JSONL line, if any.
+
+        Raises:
+            ValueError: ``"{path}:{line}: invalid JSON line: {detail}"``.
+        """
+        for row in self.bad_rows:
+            problem = json.loads(self.raw(row))["$bad"]
+            if problem.get("kind") == "bad_json":
+                raise ValueError(f"{self.source.location}:{problem['line']}: invalid JSON line: {problem['detail']}")
+
+    # ---- exact lengths: a hook for token counts computed elsewhere (token_count.TokenCounter)
+    def lengths_path(self, name: str) -> str:
+        """Where a per-row array called ``name`` (e.g. ``tokens-{hash of tokenizer and vision settings}``) is kept."""
+        safe = re.sub(r"[^\w.-]+", "_", name)
+        return f"{self.path[:-len('.arrow')]}.{safe}.npy"
+
+    def save_lengths(self, name: str, values: Sequence[int] | np.ndarray) -> None:
+        """Store one int per row (e.g. exact token counts) next to the store, atomically.
+
+        Raises:
+            ValueError: ``values`` does not have one entry per row.
+        """
+        array = np.asarray(values, dtype=np.int64)
+        if array.shape != (len(self),):
+            raise ValueError(f"save_lengths: expected {len(self)} values, got shape {array.shape}")
+        temporary = f"{self.lengths_path(name)}.tmp-{os.getpid()}.npy"
+        np.save(temporary, array)
+        os.replace(temporary, self.lengths_path(name))
+
+    def load_lengths(self, name: str) -> np.ndarray | None:
+        """The array ``save_lengths(name, ...)`` stored (memory-mapped), or None."""
+        path = self.lengths_path(name)
+        return np.load(path, mmap_mode="r") if os.path.exists(path) else None
+
+
+def _inline(value: Any, media: list[bytes]) -> Any:
+    if isinstance(value, dict) and _INLINE in value:
+        return data_uri(media[value[_INLINE]])
+    return value
+
+
+# ------------------------------------------------------------------ several sources
+class AnnotationSet:
+    """The kept samples of every ``--dataset_use`` source, in order; a drop-in for the record list and refs.
+
+    ``annotations[i]`` is a record, ``annotations.refs[i]`` its ``SampleRef``; nothing per
+    sample is held in Python (the ``%N`` subsets are int64 arrays).
+
+    Args:
+        dataset_use: the flag's value (``"a%50,b.jsonl"``) or a list of entries.
+        seed: seeds ``%N`` exactly as ``sample_indices`` does.
+        bad_lines: ``"raise"`` (a JSONL line that does not parse is an error, naming file:line)
+            or ``"keep"`` (it becomes a ``BadRecord``, reported when the sample is loaded).
+        cache_dir: where stores live (``default_cache_dir()`` when None).
+
+    Raises:
+        SourceError, ValueError: as ``resolve_sources`` and ``open_store``.
+
+    Example:
+        >>> annotations = AnnotationSet("demo_text_only%50", seed=42)
+        >>> len(annotations), annotations.refs[0].dataset
+        (4, 'demo_text_only')
+    """
+
+    def __init__(self, dataset_use: str | list[str], seed: int, bad_lines: str = "raise",
+                 cache_dir: str | None = None, registry: dict[str, dict] | None = None):
+        if bad_lines not in ("raise", "keep"):
+            raise ValueError(f"bad_lines should be one of 'raise' or 'keep' but found {bad_lines!r}")
+        self.sources = resolve_sources(dataset_use, registry)
+        self.stores: list[AnnotationStore] = []
+        self.kept: list[np.ndarray | None] = []  # None: every row
+        counts = [0]
+        for source in self.sources:
+            store = open_store(source, cache_dir)
+            if bad_lines == "raise":
+                store.check_bad_lines()
+            kept = None
+            if source.sampling_rate < 1.0:
+                kept = np.asarray(sample_indices(len(store), source.sampling_rate, seed, source.name), dtype=np.int64)
+            self.stores.append(store)
+            self.kept.append(kept)
+            size = len(store) if kept is None else len(kept)
+            counts.append(counts[-1] + size)
+            logger.info("dataset %s: %d of %d samples (%s)", source.name, size, len(store), source.location)
+        self._starts = counts
+        if counts[-1] == 0:
+            raise SourceError(f"--dataset_use {dataset_use} holds no samples")
+        self.refs = _Refs(self)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(source number, row in that source's store) of sample ``i``."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range (0..{len(self) - 1})")
+        number = bisect.bisect_right(self._starts, i) - 1
+        offset = i - self._starts[number]
+        kept = self.kept[number]
+        return number, int(kept[offset]) if kept is not None else offset
+
+    def __getitem__(self, i: int) -> Any:
+        number, row = self.locate(i)
+        return self.stores[number][row]
+
+    def samples_per_dataset(self) -> dict[str, int]:
+        """Kept samples per dataset name, without making a ``SampleRef`` per sample (``bad_samples`` counts)."""
+        counts: dict[str, int] = {}
+        for number, source in enumerate(self.sources):
+            counts[source.name] = counts.get(source.name, 0) + self._starts[number + 1] - self._starts[number]
+        return counts
+
+    def ref(self, i: int) -> SampleRef:
+        """Where sample ``i`` comes from: dataset name, annotation path, media folder, row in the source."""
+        number, row = self.locate(i)
+        source = self.sources[number]
+        return SampleRef(source.name, source.location, source.data_path, row)
+
+    def rough_lengths(self) -> np.ndarray:
+        """(len(self),) int64: ``LazySupervisedDataset.lengths``'s rough length of every kept sample, no item built."""
+        parts = []
+        for store, kept in zip(self.stores, self.kept):
+            column = store.column("rough_length")
+            parts.append(column if kept is None else column[kept])
+        return np.concatenate(parts)
+
+    def lengths(self, name: str) -> np.ndarray | None:
+        """Exact per-sample lengths saved as ``name`` by ``AnnotationStore.save_lengths`` for every source, or None."""
+        parts = []
+        for store, kept in zip(self.stores, self.kept):
+            column = store.load_lengths(name)
+            if column is None:
+                return None
+            parts.append(np.asarray(column if kept is None else column[kept]))
+        return np.concatenate(parts)
+
+
+class _Refs(Sequence):
+    """``annotations.refs[i]``: a ``SampleRef`` made on demand (a list of them would cost ~150 bytes a sample)."""
+
+    def __init__(self, annotations: AnnotationSet):
+        self._annotations = annotations
+
+    def __len__(self) -> int:
+        return len(self._annotations)
+
+    def __getitem__(self, i: int) -> SampleRef:  # type: ignore[override]
+        return self._annotations.ref(i)
