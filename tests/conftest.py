@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Annotation stores of the tests' files go to a folder of this run, not the user's cache.
+os.environ.setdefault("QWENVL_ANNOTATION_CACHE", tempfile.mkdtemp(prefix="qwenvl-annotations-"))
 
 
 @pytest.fixture(scope="session")

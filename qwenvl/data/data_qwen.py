@@ -10,6 +10,7 @@ position ids -> collators. Everything model-specific comes from the family
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from qwenvl.data import data_list
+from qwenvl.data.annotations import AnnotationSet
 from qwenvl.data.chat import (  # noqa: F401 - re-exported: users and tools import them from here
     BAD_SAMPLES_KEY,
     IGNORE_INDEX,
@@ -53,6 +54,22 @@ from qwenvl.models import ModelFamily, VisionSettings, family_for
 from qwenvl.models.qwen2_vl import DEFAULT_SYSTEM_PROMPT  # noqa: F401 - Qwen2/2.5-VL's, kept for old imports
 
 logger = logging.getLogger(__name__)
+
+
+def rough_length(record: Any) -> int:
+    """Text words + 256 per image + 512 per video (1 for a record without turns): the length-grouping guess.
+
+    The annotation store computes the same rule once per sample when it converts a source.
+
+    Example:
+        >>> rough_length({"image": "a.jpg", "conversations": [{"from": "human", "value": "<image> What?"}]})
+        258
+    """
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list):  # a bad sample: reported when it is loaded
+        return 1
+    words = sum(len(str(t.get("value", t.get("content", ""))).split()) for t in turns if isinstance(t, dict))
+    return words + 256 * len(sample_images(record)) + 512 * len(sample_videos(record))
 
 
 def resolve_family(family: ModelFamily | None, model_type: str | None) -> ModelFamily:
@@ -126,36 +143,26 @@ class LazySupervisedDataset(Dataset):
         self.encoder = ChatEncoder(tokenizer, self.family)
         self.tokens_per_second = tokens_per_second
         self.model_max_length = model_max_length
-        names = (dataset_use if dataset_use is not None else data_args.dataset_use).split(",")
-        self.records: list[dict] = []
-        self.refs: list[SampleRef] = []
-        for config in data_list(names):
-            records = load_annotations(config["annotation_path"],
-                                       bad_lines="keep" if bad_sample_policy == "skip" else "raise")
-            kept = sample_indices(len(records), config["sampling_rate"], seed, config["name"])
-            for index in kept:
-                self.records.append(records[index])
-                self.refs.append(SampleRef(config["name"], config["annotation_path"], config["data_path"], index))
-            logger.info("dataset %s: %d of %d samples (%s)", config["name"], len(kept), len(records),
-                        config["annotation_path"])
-        if not self.records:
-            raise ValueError(f"--dataset_use {','.join(names)} holds no samples")
+        use = dataset_use if dataset_use is not None else data_args.dataset_use
+        # Records stay in a memory-mapped Arrow store shared by the ranks and workers of a node, built once
+        # per source and cached (qwenvl/data/annotations.py); records[i] is parsed on access, refs[i] made on
+        # demand. Sources: registry names, .json/.jsonl files, Hugging Face datasets (qwenvl/data/sources.py).
+        self.annotations = AnnotationSet(use, seed, bad_lines="keep" if bad_sample_policy == "skip" else "raise")
+        self.records: Sequence[Any] = self.annotations
+        self.refs: Sequence[SampleRef] = self.annotations.refs
 
     def __len__(self) -> int:
         return len(self.records)
 
     @property
     def lengths(self) -> list[int]:
-        """Rough length of every sample (text words + a guess for media), for length grouping."""
-        out = []
-        for record in self.records:
-            turns = record.get("conversations") if isinstance(record, dict) else None
-            if not isinstance(turns, list):  # a bad sample: reported when it is loaded
-                out.append(1)
-                continue
-            words = sum(len(str(t.get("value", t.get("content", ""))).split()) for t in turns if isinstance(t, dict))
-            out.append(words + 256 * len(sample_images(record)) + 512 * len(sample_videos(record)))
-        return out
+        """Rough length of every sample (text words + 256 per image + 512 per video; 1 for a bad record), for
+        length grouping: read from the annotation store's cache, no item built, no record parsed."""
+        return self.annotations.rough_lengths().tolist()
+
+    def samples_per_dataset(self) -> dict[str, int]:
+        """Kept samples per dataset name (without a ``SampleRef`` per sample)."""
+        return self.annotations.samples_per_dataset()
 
     def bad(self, i: int, reason: str, kind: str = "invalid") -> BadSampleError:
         ref = self.refs[i]
@@ -484,9 +491,13 @@ class PackedSupervisedDataset(LazySupervisedDataset):
 
     @property
     def lengths(self) -> list[int]:
-        """Rough length of every group: the sum of its samples' rough lengths."""
-        per_sample = LazySupervisedDataset.lengths.fget(self)
+        """Rough length of every group: the sum of its samples' rough lengths (``rough_length``)."""
+        per_sample = [rough_length(record) for record in self.records]
         return [sum(per_sample[i] for i in members) for members in self.groups]
+
+    def samples_per_dataset(self) -> dict[str, int]:
+        """Samples (not groups) per dataset name."""
+        return dict(Counter(ref.dataset for ref in self.refs))
 
     def bad(self, i: int, reason: str, kind: str = "invalid") -> BadSampleError:
         """Error for sample ``i``: ``{pack file}:{group}: sample {position} of the group: {reason}``."""

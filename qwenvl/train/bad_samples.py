@@ -53,6 +53,9 @@ def dataset_sizes(dataset: Any) -> dict[str, int]:
         >>> dataset_sizes(LazySupervisedDataset(tokenizer, DataArguments(dataset_use="demo_text_only"), cfg))
         {'demo_text_only': 8}
     """
+    per_dataset = getattr(dataset, "samples_per_dataset", None)
+    if per_dataset is not None:  # no SampleRef per sample (a million of them at 1M samples)
+        return dict(per_dataset())
     refs = getattr(dataset, "refs", None)
     if refs is None:
         return {"train": len(dataset)}

@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qwenvl.data import data_list, load_registry_file
+from qwenvl.data import load_registry_file
+from qwenvl.data.annotations import open_store
+from qwenvl.data.sources import Source, resolve_sources
 from qwenvl.models import FAMILIES
 from qwenvl.train.argument import ConfigError
 
@@ -68,34 +70,35 @@ def check_model_path(model_name_or_path: str, cache_dir: str | None = None) -> d
     return config.to_dict()
 
 
-def check_datasets(flag: str, value: str, packing: bool = False) -> list[dict]:
-    """Registry entries of ``--dataset_use``/``--eval_dataset_use`` whose files exist.
+def check_datasets(flag: str, value: str, packing: bool = False) -> list[Source]:
+    """The sources of ``--dataset_use``/``--eval_dataset_use``, resolved and converted to their annotation stores.
+
+    Conversion happens here, once per node (the other processes wait for it), so the datasets
+    built after the model loads open warm.
 
     Raises:
-        PreflightError: an unknown name, a bad ``%N``, a missing annotation file or media folder.
+        PreflightError: an unknown name or path, a bad ``%N``, a name given twice, a missing annotation file
+            or media folder, a column mapping naming a missing column, a folder that is not a dataset.
     """
     try:
-        configs = data_list(value.split(","))
+        sources = resolve_sources(value)
     except ValueError as exc:
         raise PreflightError(f"{flag}: {exc}") from None
-    for config in configs:
-        annotation = config["annotation_path"]
-        if not os.path.isfile(annotation):
+    for source in sources:
+        if source.data_path and not os.path.isdir(source.data_path):
             raise PreflightError(
-                f"{flag} {config['name']}: annotation file {annotation} does not exist "
-                "(fix annotation_path in the registry entry)"
+                f"{flag} {source.name}: data_path {source.data_path} is not a folder (media paths are relative to it)"
             )
-        data_path = config.get("data_path") or ""
-        if data_path and not os.path.isdir(data_path):
+        if packing and not (source.kind == "json" and _is_packed_file(source.location)):
             raise PreflightError(
-                f"{flag} {config['name']}: data_path {data_path} is not a folder (media paths are relative to it)"
+                f"--data_packing True: {source.name} ({source.location}) is not a packed file; pack it first with "
+                f"`python tools/pack_data.py {source.name} --model_name_or_path ...`, or drop --data_packing"
             )
-        if packing and not _is_packed_file(annotation):
-            raise PreflightError(
-                f"--data_packing True: {config['name']} ({annotation}) is not a packed file; pack it first with "
-                f"`python tools/pack_data.py {config['name']} --model_name_or_path ...`, or drop --data_packing"
-            )
-    return configs
+        try:
+            open_store(source)
+        except (ValueError, OSError) as exc:
+            raise PreflightError(f"{flag} {source.name}: {exc}") from None
+    return sources
 
 
 def _is_packed_file(path: str) -> bool:

@@ -62,9 +62,17 @@ def dataset_summary(train_dataset: Any, eval_dataset: Any | None = None) -> dict
         if dataset is None:
             continue
         summary[f"data/{split}_samples"] = len(dataset)
-        for name, count in sorted(Counter(ref.dataset for ref in getattr(dataset, "refs", [])).items()):
+        for name, count in sorted(_per_dataset(dataset).items()):
             summary[f"data/{split}/{name}"] = count
     return summary
+
+
+def _per_dataset(dataset: Any) -> dict[str, int]:
+    """Samples per dataset name: the dataset's ``samples_per_dataset`` when it has one, else from its refs."""
+    per_dataset = getattr(dataset, "samples_per_dataset", None)
+    if per_dataset is not None:
+        return dict(per_dataset())
+    return dict(Counter(ref.dataset for ref in getattr(dataset, "refs", [])))
 
 
 class RunSummaryCallback(TrainerCallback):
@@ -176,7 +184,7 @@ class StartupSummaryCallback(TrainerCallback):
         accumulation = int(args.gradient_accumulation_steps)
         effective = per_device * world * accumulation
         mode = "packed" if self.data_args.data_packing else "flattened" if self.data_args.data_flatten else "padded"
-        sizes = Counter(ref.dataset for ref in getattr(self.train_dataset, "refs", []))
+        sizes = _per_dataset(self.train_dataset)
         rates = {}
         for spec in self.data_args.dataset_use.split(","):
             name, _, rate = spec.strip().partition("%")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 from collections import defaultdict
@@ -414,6 +415,10 @@ class QwenVLTrainer(Trainer):
         ``PackedSupervisedDataset``); the refs let ``NonFiniteGuard`` name the samples
         of a step whose loss is not finite. ``compute_loss`` pops them before the model.
         """
+        if self.args.dataloader_num_workers > 0:
+            # Workers fork from here: objects frozen now are never scanned by their garbage collector, whose
+            # first full pass would otherwise copy (and unshare) the pages of every object it visits.
+            gc.freeze()
         dataset, collator = self.train_dataset, self.data_collator
         if getattr(dataset, "refs", None) is None:
             return super().get_train_dataloader()

@@ -453,8 +453,8 @@ def test_duration_must_agree_with_frames_and_fps():
 def test_dataset_named_twice_is_an_error(dataset_use, first, second, policy, media, register, tokenizer,
                                          vision_config):
     """Both policies: naming a dataset twice is a configuration error, not something to skip."""
-    for name in ("dup_a", "dup_b"):
-        register(name, write_case(CASES[0], media), media)
+    register("dup_a", write_case(CASES[0], media), media)
+    register("dup_b", write_case(CASES[1], media), media)  # another file (one file under two names: also an error)
     with pytest.raises(ValueError) as info:
         make_dataset(tokenizer, vision_config, dataset_use, policy)
     assert str(info.value) == (f"dataset 'dup_a' is named twice in --dataset_use ({first!r} and {second!r}): each of "

@@ -183,7 +183,7 @@ class Fixed(Dataset):
 class RecordingTrainer(QwenVLTrainer):
     """Takes items in order (rank r gets item 2s + r at step s) and records each micro-batch it trains.
 
-    ``inject_nan(rank)`` makes that rank's logits (so its loss) NaN from step ``NAN_STEP`` on (test-only).
+    ``inject_nan(rank)`` makes that rank's last hidden states (so its loss) NaN from step ``NAN_STEP`` on (test-only).
     """
 
     seen: list[list[int]]
@@ -197,11 +197,12 @@ class RecordingTrainer(QwenVLTrainer):
 
     def inject_nan(self, rank: int) -> None:
         def poison(module, args, output):
+            # The LLM's last hidden states: every loss path (the model's own, the chunked one) reads them.
             if self.args.process_index == rank and self.state.global_step + 1 >= NAN_STEP:
-                return output * float("nan")
+                output.last_hidden_state = output.last_hidden_state * float("nan")
             return output
 
-        self.model.lm_head.register_forward_hook(poison)
+        find_submodule(self.model, "language_model").register_forward_hook(poison)
 
 
 def train_run(model_dir: str, out_dir: Path, backend: str, scenario: str, items: list) -> None:

@@ -62,7 +62,7 @@ def test_a_missing_model_folder_names_the_flag(tmp_path):
 def test_registry_file_with_a_missing_annotation_file(weightless, tmp_path):
     registry = tmp_path / "registry.yaml"
     registry.write_text("mine:\n  annotation_path: data/absent.json\n  data_path: data\n")
-    with pytest.raises(ConfigError, match=r"--dataset_use mine: annotation file .*data/absent.json does not exist"):
+    with pytest.raises(ConfigError, match=r"--dataset_use: dataset 'mine': .*data/absent.json does not exist"):
         train(argv(weightless, tmp_path / "out", "--dataset_registry", str(registry), "--dataset_use", "mine"))
 
 
@@ -70,7 +70,7 @@ def test_registry_file_datasets_pass_the_checks(weightless, tmp_path):
     registry = tmp_path / "registry.json"
     registry.write_text('{"mine_json": {"annotation_path": "%s", "data_path": ""}}'
                         % (weightless.parents[0] / "nothing.json"))
-    with pytest.raises(ConfigError, match=r"--dataset_use mine_json: annotation file .*nothing.json does not exist"):
+    with pytest.raises(ConfigError, match=r"--dataset_use: dataset 'mine_json': .*nothing.json does not exist"):
         train(argv(weightless, tmp_path / "out", "--dataset_registry", str(registry), "--dataset_use", "mine_json"))
     with pytest.raises(ConfigError, match=r"--dataset_registry .*absent.yaml"):
         train(argv(weightless, tmp_path / "out", "--dataset_registry", str(tmp_path / "absent.yaml")))
