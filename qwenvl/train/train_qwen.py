@@ -197,6 +197,10 @@ def train(argv: list[str] | None = None) -> Path:
     if trainer.args.should_save:
         save_processor(tokenizer, image_processor, data_args, training_args.output_dir)
         mark_finished(training_args.output_dir, trainer.state.global_step, training_args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank leaves together: a rank tearing its process down while rank 0 still writes the final
+        # model can abort in the communication threads ("terminate called without an active exception").
+        torch.distributed.barrier()
     return Path(training_args.output_dir)
 
 
@@ -207,6 +211,8 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"train_qwen.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -93,3 +93,29 @@ def test_demo_trains_checkpoints_resumes_and_saves(tiny_model_dir, tmp_path):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, ids.shape[1] + 3)
+
+
+def test_qwen3_moe_demo_trains_ten_steps_on_two_processes(tiny_qwen3_moe_model_dir, tmp_path):
+    """scripts/sft_demo.sh on a tiny Qwen3-VL-MoE: 2 ranks, images + videos + text, 10 steps, aux loss logged."""
+    output = tmp_path / "moe"
+    env = python_env() | {
+        "PY": __import__("sys").executable, "MODEL_TYPE": "qwen3_vl_moe", "MODEL": str(tiny_qwen3_moe_model_dir),
+        "OUTPUT": str(output), "MAX_STEPS": "10", "SAVE_STEPS": "100", "MASTER_PORT": str(free_port()),
+        "DATASETS": "demo_single_image,demo_video,demo_text_only",
+    }
+    log = tmp_path / "moe.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(["bash", "scripts/sft_demo.sh", "--router_aux_loss_coef", "0.01"], cwd=REPO_ROOT,
+                                   env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = process.wait(timeout=900)
+        finally:
+            kill_tree(process)
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    logged = [entry for entry in json.loads((output / "trainer_state.json").read_text())["log_history"]
+              if "loss" in entry]
+    assert [entry["step"] for entry in logged] == list(range(1, 11))
+    assert all(entry["aux_loss"] > 0 for entry in logged)  # the router loss, next to the loss
+    assert "MoE: router aux loss on, coefficient 0.01" in text
+    assert (output / "model.safetensors").exists()
