@@ -134,14 +134,12 @@ def build_model(shape: str, tiny_dir: str | None, device: str, dtype: Any, attn:
     import transformers
 
     import qwenvl.train.attention  # noqa: F401  (registers sdpa_packed)
+    from qwenvl.models.loading import model_class_for
 
     config = build_config(shape, tiny_dir)
     config.use_cache = False
     config.get_text_config().use_cache = False
-    model_class = getattr(transformers, config.architectures[0]) if getattr(config, "architectures", None) else {
-        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-        "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
-    }[config.model_type]
+    model_class = model_class_for(config)
     if shape == "tiny":
         model = model_class.from_pretrained(tiny_dir, config=config, dtype=dtype, attn_implementation=attn)
     else:

@@ -33,7 +33,7 @@ if str(_REPO_ROOT) not in sys.path:  # `python tools/build_tiny_model.py` from a
 from qwenvl.models import FAMILIES, ModelFamily  # noqa: E402
 from qwenvl.models.qwen2_vl import QWEN2_CHAT_TEMPLATE, QWEN2_VISION, QWEN2_VL  # noqa: E402
 
-MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
+MODEL_TYPES = tuple(FAMILIES)  # every registered family
 
 # Image processor values of the released Qwen2-VL / Qwen2.5-VL checkpoints (Qwen3-VL: see its family).
 PATCH_SIZE = QWEN2_VISION.patch_size  # 14

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from qwenvl.data.vision import media_file_problem
-from qwenvl.models import ModelFamily, TokenIds, family_for
+from qwenvl.models import DEFAULT_MODEL_TYPE, ModelFamily, TokenIds, family_for
 
 IGNORE_INDEX = -100
 IMAGE_TAG = "<image>"
@@ -279,7 +279,7 @@ def parse_conversation(sample: dict) -> Conversation:
 
 def _default_family() -> ModelFamily:
     """The family a caller that names none gets: Qwen2.5-VL (the behaviour before families existed)."""
-    return family_for("qwen2_5_vl")
+    return family_for(DEFAULT_MODEL_TYPE)
 
 
 class ChatEncoder:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from qwenvl.data.annotations import AnnotationSet
+from qwenvl.data.annotations import AnnotationSet, record_stats
 from qwenvl.data.chat import (  # noqa: F401 - re-exported: users and tools import them from here
     BAD_SAMPLES_KEY,
     IGNORE_INDEX,
@@ -50,26 +50,10 @@ from qwenvl.data.vision import (
     open_image,
     process_image,
 )
-from qwenvl.models import ModelFamily, VisionSettings, family_for
+from qwenvl.models import DEFAULT_MODEL_TYPE, ModelFamily, VisionSettings, family_for
 from qwenvl.models.qwen2_vl import DEFAULT_SYSTEM_PROMPT  # noqa: F401 - Qwen2/2.5-VL's, kept for old imports
 
 logger = logging.getLogger(__name__)
-
-
-def rough_length(record: Any) -> int:
-    """Text words + 256 per image + 512 per video (1 for a record without turns): the length-grouping guess.
-
-    The annotation store computes the same rule once per sample when it converts a source.
-
-    Example:
-        >>> rough_length({"image": "a.jpg", "conversations": [{"from": "human", "value": "<image> What?"}]})
-        258
-    """
-    turns = record.get("conversations") if isinstance(record, dict) else None
-    if not isinstance(turns, list):  # a bad sample: reported when it is loaded
-        return 1
-    words = sum(len(str(t.get("value", t.get("content", ""))).split()) for t in turns if isinstance(t, dict))
-    return words + 256 * len(sample_images(record)) + 512 * len(sample_videos(record))
 
 
 def resolve_family(family: ModelFamily | None, model_type: str | None) -> ModelFamily:
@@ -82,7 +66,7 @@ def resolve_family(family: ModelFamily | None, model_type: str | None) -> ModelF
         >>> resolve_family(None, "qwen3_vl").model_type
         'qwen3_vl'
     """
-    return family if family is not None else family_for(model_type or "qwen2_5_vl")
+    return family if family is not None else family_for(model_type or DEFAULT_MODEL_TYPE)
 
 
 class LazySupervisedDataset(Dataset):
@@ -118,7 +102,7 @@ class LazySupervisedDataset(Dataset):
         tokenizer: Any,
         data_args: Any,
         vision_config: VisionConfig,
-        model_type: str = "qwen2_5_vl",
+        model_type: str = DEFAULT_MODEL_TYPE,
         model_max_length: int = 512,
         seed: int = 42,
         tokens_per_second: float = 2,
@@ -491,8 +475,8 @@ class PackedSupervisedDataset(LazySupervisedDataset):
 
     @property
     def lengths(self) -> list[int]:
-        """Rough length of every group: the sum of its samples' rough lengths (``rough_length``)."""
-        per_sample = [rough_length(record) for record in self.records]
+        """Rough length of every group: the sum of its samples' rough lengths (the store's ``record_stats`` rule)."""
+        per_sample = [record_stats(record)[4] for record in self.records]
         return [sum(per_sample[i] for i in members) for members in self.groups]
 
     def samples_per_dataset(self) -> dict[str, int]:

@@ -18,9 +18,12 @@ from qwenvl.models.qwen2_vl import QWEN2_VL
 from qwenvl.models.qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
 
 __all__ = [
-    "FAMILIES", "LLM", "PROJECTOR", "VISION_TOWER", "ModelFamily", "SpecialTokens", "TokenIds", "VisionSettings",
-    "family_for",
+    "DEFAULT_MODEL_TYPE", "FAMILIES", "LLM", "PROJECTOR", "VISION_TOWER", "ModelFamily", "SpecialTokens", "TokenIds",
+    "VisionSettings", "family_for",
 ]
+
+# The family of callers that name none (the behaviour before families existed).
+DEFAULT_MODEL_TYPE = "qwen2_5_vl"
 
 FAMILIES: dict[str, ModelFamily] = {
     "qwen2_vl": QWEN2_VL,

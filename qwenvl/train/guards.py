@@ -182,7 +182,11 @@ class NonFiniteGuard(TrainerCallback):
         self.losses, self.refs = [], []
 
     def grad_norm(self) -> float | torch.Tensor | None:
-        """Global gradient norm under DeepSpeed (its engine computed it in the step), else of this rank's gradients."""
+        """The step's gradient norm as the Trainer computed it just before (``QwenVLTrainer._get_grad_norm``), else
+        DeepSpeed's global one, else of this rank's gradients."""
+        known = getattr(self.trainer, "last_grad_norm", None)
+        if known is not None:
+            return known
         engine = getattr(self.trainer, "model_wrapped", None)
         if getattr(self.trainer, "is_deepspeed_enabled", False) and hasattr(engine, "get_global_grad_norm"):
             return engine.get_global_grad_norm()
@@ -193,7 +197,9 @@ class NonFiniteGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         step = state.global_step + 1
         losses = torch.cat(self.losses) if self.losses else torch.zeros(0)
-        grad_norm = self.grad_norm()
+        # fp16 with dynamic loss scaling overflows on purpose now and then: the scaler skips that step and
+        # lowers the scale. Only a non-finite loss is fatal there; the weights are checked before every save.
+        grad_norm = None if args.fp16 else self.grad_norm()
         loss_bad, grad_bad = _any_rank([not _is_finite(losses), not _is_finite(grad_norm)], args.device)
         if not (loss_bad or grad_bad):
             return

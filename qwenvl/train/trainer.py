@@ -14,6 +14,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from qwenvl.data.data_qwen import BAD_SAMPLES_KEY
+from qwenvl.models import FAMILIES, LLM, PROJECTOR, VISION_TOWER, family_for
 from qwenvl.train.bad_samples import BadSampleMonitor
 from qwenvl.train.checkpoint import checkpoint_weight_files, load_checkpoint_weights
 from qwenvl.train.guards import SAMPLE_REFS_KEY, NonFiniteGuard, SampleRefsCollator, WithSampleRefs
@@ -21,15 +22,13 @@ from qwenvl.train.loss import compute_lm_loss, select_loss_impl
 
 logger = logging.getLogger(__name__)
 
-LLM, VISION_TOWER, PROJECTOR = "llm", "vision_tower", "projector"
-
-# Qwen2-VL / Qwen2.5-VL call the projector `visual.merger`; Qwen3-VL adds `visual.deepstack_merger_list`.
-_PROJECTOR = re.compile(r"(^|\.)visual\.(merger|deepstack_merger_list)(\.|$)")
-_VISION = re.compile(r"(^|\.)visual\.")
-
-
 def classify_parameter(name: str) -> str:
     """Which module a parameter belongs to: ``llm``, ``vision_tower`` or ``projector``.
+
+    The rule is the families' own (``ModelFamily.classify_parameter`` in qwenvl/models): a name
+    that any supported family counts as projector (``visual.merger``, Qwen3-VL's
+    ``visual.deepstack_merger_list``) is projector, one under its vision tower is vision tower.
+    Used where only names are at hand (optimizer groups, freezing, LoRA, reports).
 
     Example:
         >>> classify_parameter("model.visual.merger.mlp.0.weight"), classify_parameter("model.visual.blocks.0.attn.qkv.bias")
@@ -37,11 +36,8 @@ def classify_parameter(name: str) -> str:
         >>> classify_parameter("lm_head.weight")
         'llm'
     """
-    if _PROJECTOR.search(name):
-        return PROJECTOR
-    if _VISION.search(name):
-        return VISION_TOWER
-    return LLM
+    kinds = {family.classify_parameter(name) for family in FAMILIES.values()}
+    return PROJECTOR if PROJECTOR in kinds else VISION_TOWER if VISION_TOWER in kinds else LLM
 
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
@@ -174,38 +170,6 @@ def find_submodule(model: nn.Module, leaf_name: str) -> nn.Module | None:
         if name.rsplit(".", 1)[-1] == leaf_name:
             return module
     return None
-
-
-def dummy_vision_input(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """A black image of one merge window (merge x merge patches) for ``visual``, the vision tower.
-
-    Built from the tower's own config, so it fits every Qwen-VL family alike:
-    28x28 pixels for Qwen2-VL / Qwen2.5-VL (patch 14), 32x32 for Qwen3-VL (patch 16).
-    This is the piece a model-family object owns: a family whose tower takes
-    other inputs overrides it.
-
-    Args:
-        visual: the vision tower (``model.visual``), possibly ZeRO-3 partitioned.
-
-    Returns:
-        pixel_values: (merge**2, in_channels * temporal_patch_size * patch_h * patch_w) zeros,
-            in the tower's dtype and device.
-        grid_thw: (1, 3) long ``[[1, merge, merge]]``.
-
-    Example:
-        >>> pixel_values, grid_thw = dummy_vision_input(qwen2_5_vl_model.model.visual)
-        >>> tuple(pixel_values.shape), grid_thw.tolist()
-        ((4, 1176), [[1, 2, 2]])
-    """
-    config = visual.config
-    merge = int(config.spatial_merge_size)
-    patch = config.patch_size
-    patch_h, patch_w = (int(patch), int(patch)) if isinstance(patch, int) else (int(patch[0]), int(patch[-1]))
-    features = int(getattr(config, "in_channels", 3)) * int(config.temporal_patch_size) * patch_h * patch_w
-    reference = next(visual.parameters())  # right dtype/device even when ZeRO-3 has partitioned it
-    pixel_values = torch.zeros(merge * merge, features, dtype=reference.dtype, device=reference.device)
-    grid_thw = torch.tensor([[1, merge, merge]], dtype=torch.long, device=reference.device)
-    return pixel_values, grid_thw
 
 
 def vision_features_for_llm(output: object) -> list[torch.Tensor]:
@@ -355,7 +319,9 @@ class QwenVLTrainer(Trainer):
             if embeds is None:
                 raise RuntimeError(f"{type(module).__name__} was called without inputs_embeds=: cannot attach the "
                                    "dummy vision features where the real ones go")
-            pixel_values, grid_thw = dummy_vision_input(visual)
+            reference = next(visual.parameters())  # the tower's dtype/device, even when ZeRO-3 partitioned it
+            pixel_values, grid_thw = family_for(host.config).dummy_vision_input(visual.config, reference.dtype,
+                                                                                reference.device)
             features = [f for _ in range(calls) for f in vision_features_for_llm(visual(pixel_values,
                                                                                           grid_thw=grid_thw))]
             zero = 0.0 * torch.stack([f.float().sum() for f in features]).sum()
@@ -396,6 +362,13 @@ class QwenVLTrainer(Trainer):
             scale = self.accelerator.num_processes // self.get_tp_size()
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
+
+    last_grad_norm: float | torch.Tensor | None = None
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm of the step, kept for ``NonFiniteGuard`` (which then computes none itself)."""
+        self.last_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        return self.last_grad_norm
 
     def add_non_finite_guard(self) -> NonFiniteGuard:
         """Add a ``NonFiniteGuard``: the run stops (on every rank) at the first step whose loss or gradient

@@ -509,4 +509,6 @@ def test_surrogate_reaches_neither_the_tokenizer_nor_a_writer(media, register, t
     dataset = make_dataset(tokenizer, vision_config, register("surrogate", annotation, media), "skip")
     problem = dataset[1]
     assert problem.kind == "invalid_unicode"
+    assert problem.reason == ("conversations[0].value holds an unpaired surrogate \\ud800 at character 4: not valid "
+                              "Unicode (a broken \\u escape in the JSON); fix the text")
     problem.message.encode("utf-8")  # printable and writable as it is

@@ -215,7 +215,7 @@ def test_weights_are_deterministic_from_seed(tiny_model_factory: Callable[[str],
 
 
 def test_build_rejects_unknown_model_type(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 'qwen3_vl_moe'.*'llava'"):
+    with pytest.raises(ValueError, match="'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl', 'qwen3_vl_moe'.*'llava'"):
         build_tiny_model(tmp_path, model_type="llava")
 
 

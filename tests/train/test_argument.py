@@ -30,12 +30,8 @@ def test_help_of_every_command(command):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"^usage: ", done.stdout, re.MULTILINE), done.stdout[:300]
-
-
-def test_help_shows_the_percent_syntax():
-    done = subprocess.run([PYTHON, "qwenvl/train/train_qwen.py", "--help"], cwd=REPO_ROOT, env=python_env(),
-                          capture_output=True, text=True, timeout=120)
-    assert "name%N (keep a seeded N% of it)" in " ".join(done.stdout.split())
+    if command.endswith("train_qwen.py"):  # the %N that used to crash argparse's help formatting
+        assert "name%N (keep a seeded N% of it)" in " ".join(done.stdout.split())
 
 
 def test_abbreviated_flags_are_refused(tmp_path):

@@ -19,7 +19,8 @@ import pytest
 import torch
 import transformers
 
-from qwenvl.train.trainer import LLM, QwenVLTrainer, classify_parameter, dummy_vision_input, vision_features_for_llm
+from qwenvl.models import family_for
+from qwenvl.train.trainer import LLM, QwenVLTrainer, classify_parameter, vision_features_for_llm
 
 IMAGE, VIDEO, VISION_START, VISION_END = 900, 901, 902, 903
 TOP = ("embed_tokens", "visual", "language_model")
@@ -152,8 +153,8 @@ def test_same_module_sequence_and_unchanged_loss_and_gradients_for_every_batch_k
 def test_dummy_input_is_one_merged_token_and_reaches_every_tower_output_the_llm_uses(model_type):
     model = tiny_model(model_type)
     visual = model.model.visual
-    pixel_values, grid_thw = dummy_vision_input(visual)
     config = visual.config
+    pixel_values, grid_thw = family_for(model.config).dummy_vision_input(config)
     assert grid_thw.tolist() == [[1, config.spatial_merge_size, config.spatial_merge_size]]
     assert pixel_values.shape == (config.spatial_merge_size ** 2,
                                   config.in_channels * config.temporal_patch_size * config.patch_size ** 2)
