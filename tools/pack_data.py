@@ -7,16 +7,23 @@ Usage:
         --pack_length 8192 --model_max_length 8192 --max_pixels 576*28*28 --workers 16
 
 Inputs and outputs:
-    Each input is a registry name from ``qwenvl/data/__init__.py`` (optionally ``name%N``: the same
-    seeded N percent that ``--dataset_use name%N --seed S`` trains on) or an annotation file (a path
-    ending in .json/.jsonl, or containing a path separator; ``file.json%N`` works too), whose media
-    paths are relative to ``--data_path``. By default each input is packed on its own, next to its
-    annotation file (or in ``--output_dir``): ``train.json`` -> ``train_pack.json``
-    (``train_50pct_pack.json`` for ``%50``). ``--output FILE`` packs all inputs together into FILE
-    instead (their media must share one data_path). Counts are cached per annotation file in
-    ``train_count.json`` (next to it, in ``--output_dir``, or in ``--cache_dir``), keyed by the annotation's content, data_path, the tokenizer (sha256 of its full
-    serialisation and the chat special ids), pixel/frame flags, model_max_length and the source of
-    the counting code: any change recounts, nothing stale is reused. Media files edited in place
+    Each input is what training's ``--dataset_use`` takes, resolved the same way
+    (``qwenvl/data/sources.py``) and read from the same annotation store: a registry name from
+    ``qwenvl/data/__init__.py`` or from ``--dataset_registry FILE`` (its column mapping, split and
+    system prompt apply), an annotation file (.json list or .jsonl), a Hugging Face dataset
+    (``save_to_disk`` folder, parquet or arrow files) or a hub dataset in the local cache; each
+    optionally ``name%N``: the same seeded N percent that ``--dataset_use name%N --seed S`` trains on.
+    Media paths of inputs given by path are relative to ``--data_path``. By default each input is
+    packed on its own, next to its annotation file or dataset (or in ``--output_dir``; a hub
+    dataset's in the working folder): ``train.json`` -> ``train_pack.json`` (``train_50pct_pack.json``
+    for ``%50``). The packed file holds the records as training reads them (a Hugging Face row
+    mapped to a record, inline image bytes as ``data:`` URIs). ``--output FILE`` packs all inputs
+    together into FILE instead (their media must share one data_path). Counts are cached per input
+    in ``train_count.json`` (next to it, in ``--output_dir``, or in ``--cache_dir``), keyed by the
+    annotation's content (a Hugging Face dataset or column-mapped file: by its annotation store,
+    whose name holds a hash of the files and the mapping), data_path, the tokenizer (sha256 of its
+    full serialisation and the chat special ids), pixel/frame flags, model_max_length and the source
+    of the counting code: any change recounts, nothing stale is reused. Media files edited in place
     are not detected; pass ``--recount`` then.
 
 Train on the result: ``--registry_file my_registry.yaml`` (or ``.json``) adds or updates its entry
@@ -40,39 +47,43 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # `python tools/pack_data.py` from a checkout
     sys.path.insert(0, str(_REPO_ROOT))
 
-from qwenvl.data.data_qwen import load_annotations, sample_images, sample_indices, sample_videos  # noqa: E402
+from qwenvl.data.packing import (  # noqa: E402,F401 - first_fit_decreasing: also imported from here (bench)
+    NOT_CACHED,
+    UNEXPECTED,
+    _StoreJobs,
+    count_jobs,
+    first_fit_decreasing,
+    is_packed_file,
+)
 from qwenvl.data.token_count import TokenCount, TokenCounter  # noqa: E402
-from qwenvl.data.validation import unexpected_reason  # noqa: E402
-from qwenvl.data.vision import VisionConfig  # noqa: E402
 from tools.common import (  # noqa: E402
-    Source,
+    ToolInput,
+    add_input_flags,
     add_media_flags,
-    load_checkpoint,
     add_policy_flag,
-    check_distinct_inputs,
+    load_checkpoint,
+    load_dataset_registry,
     media_data_args,
-    output_stem,
-    resolve_input,
     write_json_atomic,
 )
+from tools.common import resolve_inputs as common_resolve_inputs  # noqa: E402
 
 CACHE_FORMAT = "qwenvl-token-counts"
-CHUNK = 64  # samples per task sent to a worker
-UNEXPECTED = "unexpected_error"  # kind of a sample whose counting raised an exception no check expected
 
 
 # ------------------------------------------------------------------- command line
@@ -82,13 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tools/pack_data.py", description=__doc__.split("\n\n")[0],
         epilog=__doc__[__doc__.index("Inputs and outputs:"):], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="registry names (name or name%%N) and/or annotation files (.json list or .jsonl)")
+    add_input_flags(parser)
     parser.add_argument("--model_name_or_path", required=True,
                         help="checkpoint or processor folder: its tokenizer and image processor (patch/merge sizes)")
-    parser.add_argument("--data_path", default="",
-                        help="folder the media paths of annotation-FILE inputs are relative to (registry names use "
-                             "their own data_path); default: paths as written")
     parser.add_argument("--pack_length", type=int, default=4096, help="tokens per group (default 4096)")
     parser.add_argument("--model_max_length", type=int, default=None,
                         help="training's --model_max_length: longer samples are cut on text or rejected exactly as "
@@ -121,45 +128,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------- inputs
 @dataclass
-class PackedSource(Source):
+class PackedSource(ToolInput):
     """One input and which of its samples are packed."""
 
     @property
     def has_media(self) -> bool:
-        """Whether any selected sample references an image or a video."""
-        return any(isinstance(r, dict) and (sample_images(r) or sample_videos(r))
-                   for r in (self.records[i] for i in self.indices))
+        """Whether any selected sample references an image or a video (from the store's per-row counts)."""
+        media = self.store.column("num_images")[self.indices] + self.store.column("num_videos")[self.indices]
+        return bool(media.any())
 
     def default_output(self, output_dir: str | None = None) -> Path:
         """``<stem>_pack.json`` (or ``<stem>_{N}pct_pack.json``) in ``output_dir``, else next to the annotation file."""
-        folder = Path(output_dir) if output_dir else Path(self.annotation_path).parent
-        return folder / f"{output_stem(self.annotation_path, self.sampling_rate)}_pack.json"
+        return self.output_folder(output_dir) / f"{self.output_stem()}_pack.json"
+
+
+def check_not_packed(source: PackedSource) -> None:
+    """Refuse a file from this tool as input: its records are groups, not samples.
+
+    Raises:
+        ValueError: ``{path} holds groups of samples: it is already packed``.
+    """
+    store = source.store
+    if source.source.kind == "json" and is_packed_file(source.annotation_path):
+        if all(isinstance(store[i], list) for i in range(len(store))):
+            raise ValueError(f"{source.annotation_path} holds groups of samples: it is already packed")
 
 
 def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[PackedSource]:
-    """Registry names and annotation files -> sources with their selected sample indices.
+    """Inputs as ``--dataset_use`` takes them -> sources with their stores and selected rows.
 
     Args:
-        inputs: e.g. ``["demo_single_image%50", "/data/extra.jsonl"]``.
-        data_path: media folder for annotation-file inputs.
+        inputs: e.g. ``["demo_single_image%50", "/data/extra.jsonl", "/data/hf_folder%10"]``.
+        data_path: media folder for inputs given by path.
         seed: picks ``%N`` subsets exactly as training's ``--seed`` does.
 
     Returns:
-        one source per input.
+        one source per input, its store open (a JSONL line that does not parse is a sample the
+        counter rejects, not an error).
 
     Raises:
-        ValueError: unknown registry name (the message lists the registered ones), a missing or
-            malformed annotation file, a bad ``%N``, or an input given twice.
+        ValueError: what ``resolve_sources`` refuses (an unknown name, listing the registered ones; a bad
+            ``%N``; an input given twice), an annotation file or dataset that cannot be read, or a file
+            this tool wrote (already packed).
     """
-    check_distinct_inputs(list(inputs))
-    sources = []
-    for spec in inputs:
-        name, rate, annotation_path, source_data_path = resolve_input(spec, data_path)
-        records = load_annotations(annotation_path, bad_lines="keep")  # a bad JSONL line is reported, not fatal
-        if records and all(isinstance(r, list) for r in records):
-            raise ValueError(f"{annotation_path} holds groups of samples: it is already packed")
-        indices = sample_indices(len(records), rate, seed, name)
-        sources.append(PackedSource(spec, name, annotation_path, source_data_path, rate, records, indices))
+    sources = [PackedSource(i.label, i.source) for i in common_resolve_inputs(inputs, data_path)]
+    for source in sources:
+        try:
+            source.open(seed)
+        except OSError as exc:
+            raise ValueError(f"{source.annotation_path}: {exc}") from None
+        check_not_packed(source)
     return sources
 
 
@@ -173,20 +191,32 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def cache_path_for(annotation_path: str, cache_dir: str | None) -> Path:
-    """``<stem>_count.json`` next to the annotation file, or in ``cache_dir``."""
-    path = Path(annotation_path)
-    name = path.name.removesuffix(".jsonl").removesuffix(".json") + "_count.json"
-    return Path(cache_dir) / name if cache_dir else path.with_name(name)
+def cache_path_for(source: PackedSource, cache_dir: str | None) -> Path:
+    """``<stem>_count.json`` (stem without ``%N``) in ``cache_dir``, else next to the annotation file or dataset
+    (a hub dataset's next to its annotation store)."""
+    name = f"{source.output_stem(with_rate=False)}_count.json"
+    if cache_dir:
+        return Path(cache_dir) / name
+    if source.source.kind == "hub":
+        return Path(source.store.path).parent / name
+    return source.output_folder(None) / name
 
 
-def cache_key(settings: dict, annotation_path: str, data_path: str) -> str:
-    """sha256 over the counter settings, the annotation file's content and the media folder."""
+def cache_key(settings: dict, source: PackedSource) -> str:
+    """sha256 over the counter settings, what the records are and the media folder.
+
+    What the records are: an annotation file read as written is keyed on its content; a Hugging Face
+    dataset or a column-mapped file on its annotation store's name, which holds a hash of the source's
+    files, the mapping, split and system prompt.
+    """
     material = {
         "settings": settings,
-        "annotation_sha256": file_sha256(annotation_path),
-        "data_path": os.path.abspath(data_path) if data_path else "",
+        "data_path": os.path.abspath(source.data_path) if source.data_path else "",
     }
+    if source.source.mapped:
+        material["store"] = os.path.basename(source.store.path)
+    else:
+        material["annotation_sha256"] = file_sha256(source.annotation_path)
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -209,138 +239,45 @@ def read_cache(path: Path, key: str, num_records: int) -> list[TokenCount | None
 
 
 # ----------------------------------------------------------------------- counting
-_worker_counter: TokenCounter | None = None
-
-
-def _init_worker(counter: TokenCounter) -> None:
-    global _worker_counter
-    _worker_counter = counter
-
-
-def count_one(counter: TokenCounter, index: int, record: Any, data_path: str, where: str) -> TokenCount:
-    """``counter.count``; any exception no check expected is this sample's ``unexpected_error``.
-
-    One odd sample must not stop a pack of millions: it is left out and listed with the
-    exception's type and message (never cached, so a fixed bug recounts it).
-    """
-    try:
-        return counter.count(record, data_path, where, index)
-    except Exception as exc:  # noqa: BLE001 - reported as the sample's problem
-        return TokenCount(0, 0, UNEXPECTED, unexpected_reason(exc))
-
-
-def _count_chunk(chunk: list[tuple[int, Any, str, str]]) -> list[tuple[int, list]]:
-    return [(job[0], count_one(_worker_counter, *job).to_json()) for job in chunk]
-
-
-def count_samples(
-    counter: TokenCounter, jobs: list[tuple[int, Any, str, str]], workers: int, desc: str
-) -> Iterator[tuple[int, TokenCount]]:
-    """Count ``(index, record, data_path, annotation_path)`` jobs, in processes when ``workers > 1``,
-    with a progress bar (on terminals)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(jobs), desc=desc, unit="sample", disable=None, mininterval=1.0)
-    try:
-        if workers <= 1 or len(jobs) < 2 * CHUNK:
-            for job in jobs:
-                yield job[0], count_one(counter, *job)
-                bar.update()
-            return
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        chunks = [jobs[start:start + CHUNK] for start in range(0, len(jobs), CHUNK)]
-        with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
-                                                      initargs=(counter,)) as pool:
-            for results in pool.imap_unordered(_count_chunk, chunks):
-                for index, value in results:
-                    yield index, TokenCount.from_json(value)
-                bar.update(len(results))
-    finally:
-        bar.close()
-
-
 def counts_for(
     source: PackedSource, counter: TokenCounter, settings: dict, cache_dir: str | None, recount: bool, workers: int
 ) -> tuple[dict[int, TokenCount], int, int]:
     """Counts of a source's selected samples, from the cache where it is valid.
 
+    The samples not cached are counted by ``packing.count_jobs`` (in processes when ``workers > 1``,
+    each reading its rows from the memory-mapped store).
+
     Returns:
-        ({index: TokenCount}, reused from cache, counted now).
+        ({row: TokenCount}, reused from cache, counted now).
     """
-    cache_path = cache_path_for(source.annotation_path, cache_dir)
-    key = cache_key(settings, source.annotation_path, source.data_path)
-    cached = None if recount else read_cache(cache_path, key, len(source.records))
-    counts: list[TokenCount | None] = cached if cached is not None else [None] * len(source.records)
-    missing = [i for i in source.indices if counts[i] is None]
-    jobs = [(i, source.records[i], source.data_path, source.annotation_path) for i in missing]
-    for index, count in count_samples(counter, jobs, workers, f"counting {source.label}"):
-        counts[index] = count
-    if missing or cached is None:
+    store = source.store
+    cache_path = cache_path_for(source, cache_dir)
+    key = cache_key(settings, source)
+    cached = None if recount else read_cache(cache_path, key, len(store))
+    counts: list[TokenCount | None] = cached if cached is not None else [None] * len(store)
+    missing = np.asarray([i for i in source.indices.tolist() if counts[i] is None], dtype=np.int64)
+    for row, count in count_jobs(counter, len(missing), _StoreJobs(store, missing), workers,
+                                 f"counting {source.label}"):
+        counts[row] = count
+    if len(missing) or cached is None:
         try:
             write_json_atomic(cache_path, {
-                "format": CACHE_FORMAT, "key": key, "annotation_path": os.path.abspath(source.annotation_path),
+                "format": CACHE_FORMAT, "key": key,
+                "annotation_path": source.annotation_path if source.source.kind == "hub"
+                else os.path.abspath(source.annotation_path),
                 "data_path": source.data_path, "settings": settings,
                 # a transient I/O failure or an unexpected error is not remembered: the next run counts again
-                "counts": [c.to_json() if c is not None and c.kind not in ("io_error", UNEXPECTED) else None
+                "counts": [c.to_json() if c is not None and c.kind not in NOT_CACHED else None
                            for c in counts],
             })
         except OSError as exc:
             print(f"warning: cannot write the count cache {cache_path} ({exc}); pass --cache_dir to keep counts",
                   file=sys.stderr)
     reused = len(source.indices) - len(missing)
-    return {i: counts[i] for i in source.indices}, reused, len(missing)
+    return {i: counts[i] for i in source.indices.tolist()}, reused, len(missing)
 
 
 # ------------------------------------------------------------------------ packing
-def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Pack items into bins of ``capacity``: longest first, each into the first bin with room.
-
-    A segment tree over the bins' free space finds the first bin with room in
-    O(log n), so 1M samples pack in seconds. Items longer than ``capacity`` get
-    a bin of their own.
-
-    Args:
-        lengths: item sizes (> 0).
-        capacity: bin size.
-
-    Returns:
-        bins as lists of item indices, in the order the bins were opened; items
-        within a bin in the order they were placed (longest first).
-
-    Example:
-        >>> first_fit_decreasing([3, 7, 5, 2, 9], capacity=10)
-        [[4], [1, 0], [2, 3]]
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    size = 1
-    while size < max(1, len(lengths)):
-        size *= 2
-    free = [-1] * (2 * size)  # max free space below each node; -1 = no open bin there
-    slot_bin: list[int] = []  # tree slot -> index in bins
-    bins: list[list[int]] = []
-    for item in order:
-        length = lengths[item]
-        if length > capacity:
-            bins.append([item])
-            continue
-        if free[1] >= length:
-            node = 1
-            while node < size:
-                node = 2 * node if free[2 * node] >= length else 2 * node + 1
-        else:
-            node = size + len(slot_bin)
-            slot_bin.append(len(bins))
-            bins.append([])
-            free[node] = capacity
-        bins[slot_bin[node - size]].append(item)
-        free[node] -= length
-        node //= 2
-        while node:
-            free[node] = max(free[2 * node], free[2 * node + 1])
-            node //= 2
-    return bins
-
-
 @dataclass
 class PackResult:
     """What one output file holds; ``main`` prints it and returns it (for tests)."""
@@ -375,7 +312,7 @@ def pack_sources(
     dropped: list[tuple[str, int, str, str]] = []
     truncated = over = 0
     for source, source_counts in zip(sources, counts):
-        for index in source.indices:
+        for index in source.indices.tolist():
             count = source_counts[index]
             if not count.ok:
                 dropped.append((source.annotation_path, index, count.kind, count.reason))
@@ -390,7 +327,7 @@ def pack_sources(
             items.append((source, index))
             lengths.append(count.length)
     bins = first_fit_decreasing(lengths, pack_length)
-    groups = [[items[k][0].records[items[k][1]] for k in members] for members in bins]
+    groups = [[items[k][0].store[items[k][1]] for k in members] for members in bins]
     bin_lengths = [sum(lengths[k] for k in members) for members in bins]
     tokens = sum(lengths)
     capacity = sum(max(pack_length, n) for n in bin_lengths)
@@ -533,6 +470,7 @@ def main(argv: list[str] | None = None) -> list[PackResult]:
     try:
         if args.registry_file:
             _registry_format(Path(args.registry_file))
+        load_dataset_registry(args.dataset_registry)
         sources = resolve_inputs(args.inputs, args.data_path, args.seed)
         plans = plan_outputs(sources, args.output, args.output_dir)
     except ValueError as exc:
@@ -553,7 +491,7 @@ def main(argv: list[str] | None = None) -> list[PackResult]:
             reused, counted = reused + source_reused, counted + source_counted
         if args.bad_sample_policy == "error":
             for source, source_counts in zip(members, counts):
-                bad = next((i for i in source.indices if not source_counts[i].ok), None)
+                bad = next((i for i in source.indices.tolist() if not source_counts[i].ok), None)
                 if bad is not None:
                     count = source_counts[bad]
                     raise SystemExit(f"error: {source.annotation_path}:{bad}: [{count.kind}] {count.reason} "

@@ -10,6 +10,7 @@ position ids -> collators. Everything model-specific comes from the family
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from qwenvl.data.annotations import AnnotationSet, record_stats
+from qwenvl.data.packing import Lengths, PackPlan, count_lengths, default_workers, offline_packed, plan_bins
 from qwenvl.data.chat import (  # noqa: F401 - re-exported: users and tools import them from here
     BAD_SAMPLES_KEY,
     IGNORE_INDEX,
@@ -41,6 +43,7 @@ from qwenvl.data.chat import (  # noqa: F401 - re-exported: users and tools impo
     sample_indices,
     sample_videos,
 )
+from qwenvl.data.token_count import TokenCounter
 from qwenvl.data.validation import check_record, load_video_checked, unexpected_reason, with_io_retries
 from qwenvl.data.vision import (
     ImageError,
@@ -124,7 +127,9 @@ class LazySupervisedDataset(Dataset):
         self.family = resolve_family(family, model_type)
         self.model_type = self.family.model_type
         self.vision_settings = vision_settings
+        self.tokenizer, self.seed = tokenizer, seed
         self.encoder = ChatEncoder(tokenizer, self.family)
+        self._exact: Lengths | None = None
         self.tokens_per_second = tokens_per_second
         self.model_max_length = model_max_length
         use = dataset_use if dataset_use is not None else data_args.dataset_use
@@ -140,9 +145,38 @@ class LazySupervisedDataset(Dataset):
 
     @property
     def lengths(self) -> list[int]:
-        """Rough length of every sample (text words + 256 per image + 512 per video; 1 for a bad record), for
-        length grouping: read from the annotation store's cache, no item built, no record parsed."""
-        return self.annotations.rough_lengths().tolist()
+        """Exact length of every sample (``exact_lengths``; a rejected sample counts 1), for length grouping:
+        counted from image headers and video metadata once and cached, no item built."""
+        return np.maximum(self.exact_lengths().length, 1).tolist()
+
+    def rough_lengths(self) -> np.ndarray:
+        """Rough length of every sample (text words + 256 per image + 512 per video; 1 for a bad record):
+        read from the annotation store, nothing counted, no record parsed."""
+        return self.annotations.rough_lengths()
+
+    def item_lengths(self) -> tuple[np.ndarray, bool]:
+        """Tokens of every item without counting anything: (lengths, exact?). Exact when ``exact_lengths``
+        already ran, else the store's rough lengths (for the start-up summary's tokens per step)."""
+        if self._exact is not None:
+            return np.maximum(self._exact.length, 0), True
+        return self.rough_lengths(), False
+
+    def token_counter(self) -> TokenCounter:
+        """A ``TokenCounter`` that counts exactly what this dataset builds (same tokenizer, family and flags)."""
+        return TokenCounter(self.tokenizer, self.data_args, self.vision_config, self.model_max_length,
+                            self.io_retries, self.io_backoff, family=self.family, settings=self.vision_settings)
+
+    def exact_lengths(self) -> Lengths:
+        """Every sample's ``len(input_ids)`` (``BAD`` for a sample this dataset rejects), from the per-source
+        cache next to the annotation store, or counted now with ``--count_workers`` processes (one process
+        group per node counts; the others wait and read its result). See ``qwenvl/data/packing.py``."""
+        if self._exact is None:
+            workers = getattr(self.data_args, "count_workers", 0) or default_workers()
+            self._exact = count_lengths(self.annotations, self.token_counter(), workers)
+            if self._exact.counted:
+                logger.info("counted the tokens of %d samples in %.1f s with %d process(es); later runs read "
+                            "the cache", self._exact.counted, self._exact.seconds, workers)
+        return self._exact
 
     def samples_per_dataset(self) -> dict[str, int]:
         """Kept samples per dataset name (without a ``SampleRef`` per sample)."""
@@ -489,6 +523,82 @@ class PackedSupervisedDataset(LazySupervisedDataset):
         return BadSampleError(ref.annotation_path, ref.index, f"sample {ref.position} of the group: {reason}", kind)
 
 
+class OnlinePackedDataset(LazySupervisedDataset):
+    """Any dataset packed when training starts (``--data_packing True`` on unpacked sources).
+
+    Every sample's exact length comes from ``exact_lengths`` (cached counts); the samples are
+    put into first-fit-decreasing bins of ``pack_length`` tokens, samples of equal length ordered
+    by ``seed``, so every rank computes the same bins (checked across ranks when a process group
+    is up). Item ``g`` is the list of bin ``g``'s sample items, which
+    ``PackedDataCollatorForSupervisedDataset`` flattens into one row; the Trainer's sampler shuffles
+    the bins each epoch, and every sample is in exactly one bin.
+
+    Samples the count rejects weigh 0 in the bins: under ``skip`` loading them gives their
+    ``Problem`` (reported as any skipped sample); under ``error`` the first one is raised here,
+    before training starts, with its file, index and cause.
+
+    Args:
+        *args, **kwargs: as ``LazySupervisedDataset``.
+        pack_length: bin capacity in tokens (None = ``model_max_length``).
+
+    Raises:
+        BadSampleError: under ``error``, a sample the dataset rejects.
+        RuntimeError: the ranks computed different bins (their counts differ).
+    """
+
+    def __init__(self, *args: Any, pack_length: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.pack_length = int(pack_length or self.model_max_length)
+        counts = self.exact_lengths()
+        if self.bad_sample_policy == "error":
+            for i in counts.bad[:1]:
+                self.load_sample(int(i))  # raises the sample's own error (file, index, cause)
+        start = time.perf_counter()
+        self.plan: PackPlan = plan_bins(counts.length, self.pack_length, self.seed)
+        check_same_on_every_rank(self.plan.digest(), "the online packing bins")
+        logger.info(
+            "online packing: %d samples into %d bins of %d tokens, fill %.2f%% (%d real tokens), in %.2f s; "
+            "%d truncated to model_max_length, %d longer than pack_length (alone in a bin), %d rejected by the "
+            "count (skipped and reported when reached)",
+            len(counts.length), len(self.plan), self.pack_length, 100 * self.plan.fill, int(self.plan.tokens.sum()),
+            time.perf_counter() - start, counts.truncated, self.plan.oversize, len(counts.bad),
+        )
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, g: int) -> list[dict[str, Any] | Problem]:
+        """The items of bin ``g``, each as ``LazySupervisedDataset.load_sample`` builds it."""
+        return [self.load_sample(int(i)) for i in self.plan.bin(g)]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Real tokens of every bin (``--train_sampling_strategy group_by_length`` groups bins)."""
+        return np.maximum(self.plan.tokens, 1).tolist()
+
+    def item_lengths(self) -> tuple[np.ndarray, bool]:
+        """Real tokens of every bin, exact."""
+        return self.plan.tokens, True
+
+
+def check_same_on_every_rank(digest: str, what: str) -> None:
+    """Raise on every rank when the ranks of the process group (if any) hold different ``digest`` values.
+
+    Raises:
+        RuntimeError: naming the ranks that disagree with rank 0.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    differ = [rank for rank, value in enumerate(digests) if value != digests[0]]
+    if differ:
+        raise RuntimeError(f"{what} differ between ranks (ranks {differ} disagree with rank 0): their token counts "
+                           f"differ, e.g. a media file readable on one node only")
+
+
 @dataclass
 class PackedDataCollatorForSupervisedDataset:
     """Flatten every sample of every group in the micro-batch into one row (``flatten_instances``).
@@ -545,13 +655,18 @@ def make_supervised_data_module(
     )
     policy = getattr(data_args, "bad_sample_policy", "error")  # --bad_sample_policy (default skip)
     packing = getattr(data_args, "data_packing", False)
-    dataset_cls = PackedSupervisedDataset if packing else LazySupervisedDataset
-    train_dataset: Dataset = dataset_cls(**common, bad_sample_policy=policy)
+    if not packing:
+        train_dataset: Dataset = LazySupervisedDataset(**common, bad_sample_policy=policy)
+    elif offline_packed(data_args.dataset_use):  # files from tools/pack_data.py: their groups as written
+        train_dataset = PackedSupervisedDataset(**common, bad_sample_policy=policy)
+    else:  # packed now, from the cached exact counts
+        train_dataset = OnlinePackedDataset(**common, bad_sample_policy=policy,
+                                            pack_length=getattr(data_args, "pack_length", None))
     eval_use = getattr(data_args, "eval_dataset_use", None)
     eval_dataset = LazySupervisedDataset(**common, dataset_use=eval_use, bad_sample_policy=policy) if eval_use else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     flatten = getattr(data_args, "data_flatten", False) or packing
     collator_cls: type = FlattenedDataCollatorForSupervisedDataset if flatten else DataCollatorForSupervisedDataset
-    if packing:  # items are groups: flattens each group's samples
+    if packing:  # items are groups (offline or online bins): flattens each group's samples
         collator_cls = PackedDataCollatorForSupervisedDataset
     return {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "data_collator": collator_cls(pad_id)}

@@ -97,7 +97,23 @@ class DataArguments:
                           "writes one)."},
     )
     data_flatten: bool = field(default=False, metadata={"help": "Concatenate each micro-batch into one row."})
-    data_packing: bool = field(default=False, metadata={"help": "dataset_use names files from tools/pack_data.py."})
+    data_packing: bool = field(
+        default=False,
+        metadata={"help": "Train on rows of several samples (no padding). On files from tools/pack_data.py their "
+                          "groups are used as written; on any other dataset the samples are packed when training "
+                          "starts: first-fit-decreasing bins of --pack_length tokens from exact token counts "
+                          "(counted once, cached next to the annotation store)."},
+    )
+    pack_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per packed row with --data_packing on an unpacked dataset (default: "
+                          "--model_max_length)."},
+    )
+    count_workers: int = field(
+        default=0,
+        metadata={"help": "Processes that count exact token lengths (online packing, group_by_length) when they "
+                          "are not cached yet; one process group per node counts (0 = the node's cores, up to 32)."},
+    )
     base_interval: float = field(default=2, metadata={"help": "Seconds between sampled video frames."})
     max_pixels: PixelCount = field(default=PixelCount(576 * 28 * 28), metadata={"help": "e.g. 576*28*28"})
     min_pixels: PixelCount = field(default=PixelCount(16 * 28 * 28), metadata={"help": "e.g. 16*28*28"})
@@ -136,6 +152,10 @@ class DataArguments:
                 and self.video_min_pixels > self.video_max_pixels:
             raise ValueError(f"video_min_pixels ({self.video_min_pixels}) is larger than video_max_pixels "
                              f"({self.video_max_pixels})")
+        if self.pack_length is not None and self.pack_length < 1:
+            raise ValueError(f"pack_length must be positive, got {self.pack_length}")
+        if self.count_workers < 0:
+            raise ValueError(f"count_workers must be 0 (the node's cores) or more, got {self.count_workers}")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
         if self.video_min_frame_pixels > self.video_max_frame_pixels:

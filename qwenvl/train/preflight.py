@@ -17,6 +17,7 @@ from typing import Any
 
 from qwenvl.data import load_registry_file
 from qwenvl.data.annotations import open_store
+from qwenvl.data.packing import offline_packed
 from qwenvl.data.sources import Source, resolve_sources
 from qwenvl.models import FAMILIES
 from qwenvl.train.argument import ConfigError
@@ -84,30 +85,21 @@ def check_datasets(flag: str, value: str, packing: bool = False) -> list[Source]
         sources = resolve_sources(value)
     except ValueError as exc:
         raise PreflightError(f"{flag}: {exc}") from None
+    if packing:
+        try:
+            offline_packed(sources)
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from None
     for source in sources:
         if source.data_path and not os.path.isdir(source.data_path):
             raise PreflightError(
                 f"{flag} {source.name}: data_path {source.data_path} is not a folder (media paths are relative to it)"
-            )
-        if packing and not (source.kind == "json" and _is_packed_file(source.location)):
-            raise PreflightError(
-                f"--data_packing True: {source.name} ({source.location}) is not a packed file; pack it first with "
-                f"`python tools/pack_data.py {source.name} --model_name_or_path ...`, or drop --data_packing"
             )
         try:
             open_store(source)
         except (ValueError, OSError) as exc:
             raise PreflightError(f"{flag} {source.name}: {exc}") from None
     return sources
-
-
-def _is_packed_file(path: str) -> bool:
-    """A file written by tools/pack_data.py: a JSON list whose first item is a list of samples."""
-    if path.endswith(".jsonl"):
-        return False
-    with open(path, "rb") as handle:
-        head = handle.read(4096).lstrip()
-    return head.startswith(b"[") and head[1:].lstrip().startswith(b"[")
 
 
 def check_report_to(report_to: list[str] | str | None) -> None:

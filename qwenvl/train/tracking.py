@@ -12,6 +12,8 @@ import logging
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
 from torch import nn
 from transformers import TrainerCallback
 
@@ -132,16 +134,20 @@ def quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
-def _estimated_tokens(dataset: Any, samples: int = 2048) -> float | None:
-    """Mean rough length of the first ``samples`` items (the dataset's ``lengths``), or None."""
+def _estimated_tokens(dataset: Any) -> tuple[float | None, bool]:
+    """Mean tokens per item and whether that is exact, without counting anything (``item_lengths``, else the
+    first 2048 of ``lengths``); (None, False) when the dataset says nothing."""
+    if hasattr(dataset, "item_lengths"):
+        lengths, exact = dataset.item_lengths()
+        return (float(np.mean(lengths)) if len(lengths) else None), exact
     try:
         lengths = dataset.lengths
     except (AttributeError, TypeError, ValueError):
-        return None
+        return None, False
     if not lengths:
-        return None
-    head = list(lengths[:samples])
-    return sum(head) / len(head)
+        return None, False
+    head = list(lengths[:2048])
+    return sum(head) / len(head), False
 
 
 class StartupSummaryCallback(TrainerCallback):
@@ -191,8 +197,9 @@ class StartupSummaryCallback(TrainerCallback):
             rates[name] = f" ({rate}%)" if rate else ""
         datasets = ", ".join(f"{name} {count:,}{rates.get(name, '')}" for name, count in sizes.items()) \
             or f"{len(self.train_dataset):,} items"
-        mean = _estimated_tokens(self.train_dataset)
-        tokens = f"~{mean * effective:,.0f} (rough: text words + media guesses)" if mean else "unknown"
+        mean, exact = _estimated_tokens(self.train_dataset)
+        how = "exact counts" if exact else "rough: text words + media guesses"
+        tokens = f"~{mean * effective:,.0f} ({how})" if mean else "unknown"
         lines = [
             f"model: {self.model_path} ({self.model_type}, {self.model_class}), attention {self.attention}",
             f"distributed: {self.distributed}, {world} process(es)" + (f", {args.deepspeed}" if args.deepspeed else ""),
@@ -211,6 +218,10 @@ class StartupSummaryCallback(TrainerCallback):
             f"logging every {args.logging_steps:g} step(s); saving every {args.save_steps:g} step(s) to "
             f"{args.output_dir}",
         ]
+        plan = getattr(self.train_dataset, "plan", None)
+        if plan is not None:  # online packing
+            lines.append(f"packing: {len(plan.members):,} samples in {len(plan):,} rows of {plan.pack_length:,} "
+                         f"tokens, fill {100 * plan.fill:.2f}%")
         lines += [f"old flag: {note}" for note in self.legacy_notes]
         if self.resume_from:
             lines.append(f"resuming from {self.resume_from}")

@@ -45,13 +45,24 @@ def test_the_weightless_copy_fails_in_the_loader_when_every_setting_is_fine(weig
     (["--max_pixels", "500", "--min_pixels", "100"], r"--max_pixels 500 is below one vision token for this model "
                                                       r"\(28x28 = 784 pixels\)"),
     (["--video_max_frame_pixels", "600", "--video_min_frame_pixels", "100"], r"--video_max_frame_pixels 600"),
-    (["--data_packing", "True"], r"--data_packing True: demo_text_only .* is not a packed file; pack it first"),
+    (["--data_packing", "True", "--pack_length", "0"], r"pack_length must be positive, got 0"),
     (["--attn_implementation", "fast"], r"--attn_implementation fast: expected one of"),
     (["--resume_from_checkpoint", "/nowhere/checkpoint-3"], r"--resume_from_checkpoint /nowhere/checkpoint-3: no such"),
 ])
 def test_bad_settings_fail_before_the_model_loads(weightless, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         train(argv(weightless, tmp_path, *extra))
+
+
+def test_packed_files_and_unpacked_datasets_are_not_mixed(weightless, tmp_path):
+    packed = tmp_path / "mine_pack.json"
+    packed.write_text('[[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]]')
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(f"mine_pack:\n  annotation_path: {packed}\n  data_path: ''\n")
+    with pytest.raises(ConfigError, match=r"--data_packing True: mine_pack are files from tools/pack_data\.py but "
+                                          r"demo_text_only are not"):
+        train(argv(weightless, tmp_path / "out", "--dataset_registry", str(registry), "--data_packing", "True",
+                   "--dataset_use", "mine_pack,demo_text_only"))
 
 
 def test_a_missing_model_folder_names_the_flag(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -96,7 +97,8 @@ def test_demo_trains_checkpoints_resumes_and_saves(tiny_model_dir, tmp_path):
 
 
 def test_qwen3_moe_demo_trains_ten_steps_on_two_processes(tiny_qwen3_moe_model_dir, tmp_path):
-    """scripts/sft_demo.sh on a tiny Qwen3-VL-MoE: 2 ranks, images + videos + text, 10 steps, aux loss logged."""
+    """scripts/sft_demo.sh on a tiny Qwen3-VL-MoE: 2 ranks, images + videos + text packed online into rows of
+    512 tokens, 10 steps, aux loss logged; both ranks computed the same bins (else construction fails)."""
     output = tmp_path / "moe"
     env = python_env() | {
         "PY": __import__("sys").executable, "MODEL_TYPE": "qwen3_vl_moe", "MODEL": str(tiny_qwen3_moe_model_dir),
@@ -105,7 +107,8 @@ def test_qwen3_moe_demo_trains_ten_steps_on_two_processes(tiny_qwen3_moe_model_d
     }
     log = tmp_path / "moe.log"
     with log.open("w") as sink:
-        process = subprocess.Popen(["bash", "scripts/sft_demo.sh", "--router_aux_loss_coef", "0.01"], cwd=REPO_ROOT,
+        process = subprocess.Popen(["bash", "scripts/sft_demo.sh", "--router_aux_loss_coef", "0.01",
+                                    "--data_packing", "True", "--pack_length", "512"], cwd=REPO_ROOT,
                                    env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = process.wait(timeout=900)
@@ -118,4 +121,8 @@ def test_qwen3_moe_demo_trains_ten_steps_on_two_processes(tiny_qwen3_moe_model_d
     assert [entry["step"] for entry in logged] == list(range(1, 11))
     assert all(entry["aux_loss"] > 0 for entry in logged)  # the router loss, next to the loss
     assert "MoE: router aux loss on, coefficient 0.01" in text
+    packing = re.search(r"packing: (\d+) samples in (\d+) rows of 512 tokens, fill ([\d.]+)%", text)
+    assert packing, text[-3000:]
+    samples, rows = int(packing[1]), int(packing[2])
+    assert rows < samples and float(packing[3]) > 50
     assert (output / "model.safetensors").exists()
