@@ -13,6 +13,11 @@ Part 2, counting: samples per second for the exact count of every demo image sam
 plus the same on photo-sized JPEGs (--photos N synthetic 1600x1200 pictures). The paths run
 interleaved, best pass of --rounds reported; every count is checked against len(dataset[i]["input_ids"]).
 
+Part 3, online packing at start-up (``--data_packing True`` on an unpacked dataset): a JSONL of
+--startup_samples samples over the demo images, counted cold (no cache) with 1 and 2 processes,
+then warm (cached counts); and ``plan_bins`` (first-fit decreasing + flat arrays) over 100k and
+1M long-tail lengths, the time every rank spends on it, with the fill.
+
 Usage:
     python bench/packing.py
     python bench/packing.py --samples 100000 --rounds 10 --photos 0
@@ -38,7 +43,7 @@ from qwenvl.data.data_qwen import LazySupervisedDataset, parse_conversation, sam
 from qwenvl.data.token_count import TokenCounter, encode_sample  # noqa: E402
 from qwenvl.data.vision import VisionConfig, image_grid_thw, num_vision_tokens, open_image  # noqa: E402
 from qwenvl.train.argument import DataArguments  # noqa: E402
-from tools.pack_data import first_fit_decreasing  # noqa: E402
+from qwenvl.data.packing import count_lengths, first_fit_decreasing, plan_bins  # noqa: E402
 
 DEMO_IMAGE_SETS = ["demo_single_image", "demo_multi_image", "demo_grounding"]
 
@@ -190,6 +195,56 @@ def counting_table(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def startup_table(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    import os
+
+    from transformers import AutoTokenizer
+
+    import qwenvl.data as registry
+    from qwenvl.data.annotations import AnnotationSet
+    from qwenvl.data.packing import lengths_name
+    from qwenvl.train.train_qwen import load_image_processor
+
+    model = args.model or str(Path(__file__).resolve().parents[1] / "tiny_model" / "qwen2_5_vl")
+    if not (Path(model) / "config.json").exists():
+        from tools.build_tiny_model import build_tiny_model
+
+        model = str(build_tiny_model(tempfile.mkdtemp(prefix="tiny_qwen_"), model_type="qwen2_5_vl"))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    demo = registry.data_list(["demo_single_image"])[0]
+    records = json.loads(Path(demo["annotation_path"]).read_text())
+    folder = Path(tempfile.mkdtemp(prefix="bench_startup_"))
+    os.environ["QWENVL_ANNOTATION_CACHE"] = str(folder / "cache")
+    with open(folder / "startup.jsonl", "w") as handle:
+        for n in range(args.startup_samples):
+            handle.write(json.dumps(records[n % len(records)]) + "\n")
+    registry.data_dict["bench_startup"] = {"annotation_path": str(folder / "startup.jsonl"),
+                                           "data_path": demo["data_path"]}
+    data_args = DataArguments(dataset_use="bench_startup")
+    cfg = VisionConfig.from_image_processor(load_image_processor(model), data_args.min_pixels, data_args.max_pixels)
+    counter = TokenCounter(tokenizer, data_args, cfg, model_max_length=8192)
+    annotations = AnnotationSet("bench_startup", seed=42)
+    rows = []
+    for workers in (1, 2):
+        for store in annotations.stores:  # cold: drop the cached counts
+            for suffix in ("", ".full"):
+                path = store.lengths_path(lengths_name(counter) + suffix)
+                if os.path.exists(path):
+                    os.remove(path)
+        counts = count_lengths(annotations, counter, workers, progress=False)
+        rows.append((f"count {len(annotations)} samples, cold, {workers} process(es)",
+                     f"{counts.seconds:.2f} s", f"{len(annotations) / counts.seconds:.0f} samples/s", ""))
+    counts = count_lengths(annotations, counter, 1, progress=False)
+    rows.append((f"count {len(annotations)} samples, warm (cache)", f"{counts.seconds * 1e3:.1f} ms", "",
+                 f"{counts.counted} counted"))
+    for n in (100_000, 1_000_000):
+        lengths = np.asarray(long_tail_lengths(n, args.median, args.sigma, args.pack_length, args.seed))
+        plan, seconds = timed(plan_bins, lengths, args.pack_length, args.seed)
+        rows.append((f"plan_bins {n} samples into {args.pack_length}", f"{seconds:.2f} s", f"{len(plan)} bins",
+                     f"fill {100 * plan.fill:.2f}%"))
+    return rows
+
+
 def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
     for n, row in enumerate([header, *rows]):
@@ -209,9 +264,15 @@ def main(argv: list[str] | None = None) -> None:
                                                       "in a temp folder when missing)")
     parser.add_argument("--rounds", type=int, default=6, help="timed passes per counting path (best one counts)")
     parser.add_argument("--photos", type=int, default=24, help="synthetic photo-sized JPEGs (0: skip)")
+    parser.add_argument("--startup_samples", type=int, default=20000,
+                        help="samples counted in the online packing start-up part (0: skip it)")
     args = parser.parse_args(argv)
     print_table(("strategy", "batches", "fill", "time"), packing_table(args))
     print_table(("counting path", "throughput", "vs full", "counts"), counting_table(args))
+    if args.startup_samples:
+        print(f"\nOnline packing at start-up ({args.startup_samples} samples over the demo images; lengths "
+              f"lognormal median {args.median})")
+        print_table(("step", "time", "rate / bins", "note"), startup_table(args))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ position ids -> collators. Everything model-specific comes from the family
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from qwenvl.data.annotations import AnnotationSet, record_stats
-from qwenvl.data.packing import Lengths, PackPlan, count_lengths, default_workers, offline_packed, plan_bins
+from qwenvl.data.packing import Lengths, PackPlan, cached_plan, count_lengths, default_workers, offline_packed
 from qwenvl.data.chat import (  # noqa: F401 - re-exported: users and tools import them from here
     BAD_SAMPLES_KEY,
     IGNORE_INDEX,
@@ -554,7 +555,8 @@ class OnlinePackedDataset(LazySupervisedDataset):
             for i in counts.bad[:1]:
                 self.load_sample(int(i))  # raises the sample's own error (file, index, cause)
         start = time.perf_counter()
-        self.plan: PackPlan = plan_bins(counts.length, self.pack_length, self.seed)
+        folder = os.path.dirname(self.annotations.stores[0].path)  # the annotation cache of this node
+        self.plan: PackPlan = cached_plan(counts.length, self.pack_length, self.seed, folder)
         check_same_on_every_rank(self.plan.digest(), "the online packing bins")
         logger.info(
             "online packing: %d samples into %d bins of %d tokens, fill %.2f%% (%d real tokens), in %.2f s; "

@@ -344,6 +344,38 @@ class PackPlan:
         return digest.hexdigest()
 
 
+def cached_plan(lengths: np.ndarray, pack_length: int, seed: int, folder: str) -> PackPlan:
+    """``plan_bins``, computed by one process per node and kept in ``folder`` (keyed by the lengths, the
+    capacity and the seed); the other processes wait and load it. 1M samples take seconds to plan,
+    10M a minute or two: once per node, and never again when the run restarts.
+    """
+    digest = hashlib.sha256(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
+    digest.update(f"{pack_length}:{seed}".encode())
+    path = os.path.join(folder, f"plan-{digest.hexdigest()[:24]}.npz")
+
+    def load() -> PackPlan | None:
+        try:
+            with np.load(path) as saved:
+                return PackPlan(saved["members"], saved["offsets"], saved["tokens"], pack_length,
+                                int(saved["oversize"]))
+        except (OSError, ValueError, KeyError):
+            return None
+
+    plan = load()
+    if plan is not None:
+        return plan
+    os.makedirs(folder, exist_ok=True)
+    with FileLock(path + ".lock"):
+        plan = load()
+        if plan is None:
+            plan = plan_bins(lengths, pack_length, seed)
+            temporary = f"{path}.tmp-{os.getpid()}.npz"
+            np.savez(temporary, members=plan.members, offsets=plan.offsets, tokens=plan.tokens,
+                     oversize=np.int64(plan.oversize))
+            os.replace(temporary, path)
+    return plan
+
+
 def plan_bins(lengths: np.ndarray, pack_length: int, seed: int) -> PackPlan:
     """First-fit-decreasing bins of ``lengths`` (``BAD`` samples weigh 0: loading them reports them).
 
