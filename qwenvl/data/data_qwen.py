@@ -473,6 +473,10 @@ class PackedSupervisedDataset(LazySupervisedDataset):
     ``skip`` a bad sample becomes a ``Problem`` inside its group, which the
     collator drops and reports; the rest of the group still trains.
 
+    Nothing per sample is held in Python: groups stay in the annotation store, sample ``i`` (numbered
+    group after group) is found from an array of group offsets, and a group is parsed when one of its
+    samples is loaded. The groups' sizes and rough lengths are read once and cached next to the store.
+
     Raises:
         ValueError: an item of the file is not a non-empty list of samples (the
             file was not written by ``tools/pack_data.py``); the message names
@@ -480,48 +484,126 @@ class PackedSupervisedDataset(LazySupervisedDataset):
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
-        # The parent reads the registry and the %N subsets; its records are our groups.
+        # The parent reads the sources and the %N subsets; its records are our groups.
         super().__init__(*args, **kwargs)
-        groups, group_refs = self.records, self.refs
-        self.records, self.refs = [], []  # one entry per sample, so the parent's get_item works on samples
-        self.groups: list[list[int]] = []  # group -> indices into records
-        for group, ref in zip(groups, group_refs):
-            if not isinstance(group, list) or not group:
-                found = "an empty list" if isinstance(group, list) else f"a {type(group).__name__}"
-                raise ValueError(
-                    f"{ref.annotation_path}:{ref.index}: expected a group (a non-empty list of samples) but found "
-                    f"{found}; with --data_packing True, --dataset_use must name files written by "
-                    f"tools/pack_data.py (dataset {ref.dataset!r})"
-                )
-            members = []
-            for position, sample in enumerate(group):
-                members.append(len(self.records))
-                self.records.append(sample)
-                self.refs.append(PackedSampleRef(ref.dataset, ref.annotation_path, ref.data_path, ref.index,
-                                                 position))
-            self.groups.append(members)
+        sizes, rough = [], []
+        self._source_starts = [0]  # source k holds groups _source_starts[k]..[k+1]
+        for store, kept in zip(self.annotations.stores, self.annotations.kept):
+            store_sizes, store_rough = _group_stats(store)
+            sizes.append(store_sizes if kept is None else store_sizes[kept])
+            rough.append(store_rough if kept is None else store_rough[kept])
+            self._source_starts.append(self._source_starts[-1] + len(sizes[-1]))
+        self._group_rough = np.concatenate(rough)
+        self._offsets = np.zeros(len(self.annotations) + 1, dtype=np.int64)  # group g: samples offsets[g]..[g+1]
+        np.cumsum(np.concatenate(sizes), out=self._offsets[1:])
+        self._parsed: tuple[int, list] | None = None  # the last group parsed (its samples load one after another)
+        self.records = _PackedSamples(self, "record")  # one entry per sample, so the parent's get_item works
+        self.refs = _PackedSamples(self, "ref")
+        self.groups = _GroupMembers(self._offsets)  # group -> indices into records
 
     def __len__(self) -> int:
-        return len(self.groups)
+        return len(self._offsets) - 1
 
     def __getitem__(self, g: int) -> list[dict[str, Any] | Problem]:
         """The items of group ``g``, each as ``LazySupervisedDataset.load_sample`` builds it."""
         return [self.load_sample(i) for i in self.groups[g]]
 
+    def locate_sample(self, i: int) -> tuple[int, int]:
+        """(group, position in the group) of sample ``i``."""
+        if not 0 <= i < self._offsets[-1]:
+            raise IndexError(f"sample {i} out of range (0..{self._offsets[-1] - 1})")
+        g = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        return g, i - int(self._offsets[g])
+
+    def sample_record(self, i: int) -> Any:
+        """Record of sample ``i`` (its group parsed once while its samples load)."""
+        g, position = self.locate_sample(i)
+        if self._parsed is None or self._parsed[0] != g:
+            self._parsed = (g, self.annotations[g])
+        return self._parsed[1][position]
+
+    def sample_ref(self, i: int) -> PackedSampleRef:
+        """Where sample ``i`` comes from: the packed file, its group (``index``) and ``position``."""
+        g, position = self.locate_sample(i)
+        ref = self.annotations.ref(g)
+        return PackedSampleRef(ref.dataset, ref.annotation_path, ref.data_path, ref.index, position)
+
     @property
     def lengths(self) -> list[int]:
         """Rough length of every group: the sum of its samples' rough lengths (the store's ``record_stats`` rule)."""
-        per_sample = [record_stats(record)[4] for record in self.records]
-        return [sum(per_sample[i] for i in members) for members in self.groups]
+        return self._group_rough.tolist()
+
+    def item_lengths(self) -> tuple[np.ndarray, bool]:
+        """Rough length of every group (not counted exactly)."""
+        return self._group_rough, False
 
     def samples_per_dataset(self) -> dict[str, int]:
         """Samples (not groups) per dataset name."""
-        return dict(Counter(ref.dataset for ref in self.refs))
+        counts: dict[str, int] = {}
+        starts = self._source_starts
+        for number, source in enumerate(self.annotations.sources):
+            samples = int(self._offsets[starts[number + 1]] - self._offsets[starts[number]])
+            counts[source.name] = counts.get(source.name, 0) + samples
+        return counts
 
     def bad(self, i: int, reason: str, kind: str = "invalid") -> BadSampleError:
         """Error for sample ``i``: ``{pack file}:{group}: sample {position} of the group: {reason}``."""
         ref = self.refs[i]
         return BadSampleError(ref.annotation_path, ref.index, f"sample {ref.position} of the group: {reason}", kind)
+
+
+def _group_stats(store: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(samples, rough length) of every group of a packed file's store, read once and cached next to it.
+
+    Raises:
+        ValueError: a row is not a non-empty list of samples (naming the file and the row).
+    """
+    sizes, rough = store.load_lengths("group-samples"), store.load_lengths("group-rough")
+    if sizes is not None and rough is not None:
+        return np.asarray(sizes), np.asarray(rough)
+    sizes, rough = np.zeros(len(store), np.int64), np.zeros(len(store), np.int64)
+    for row in range(len(store)):
+        group = store[row]
+        if not isinstance(group, list) or not group:
+            found = "an empty list" if isinstance(group, list) else f"a {type(group).__name__}"
+            raise ValueError(
+                f"{store.source.location}:{row}: expected a group (a non-empty list of samples) but found {found}; "
+                f"with --data_packing True, --dataset_use must name files written by tools/pack_data.py "
+                f"(dataset {store.source.name!r})"
+            )
+        sizes[row] = len(group)
+        rough[row] = sum(record_stats(sample)[4] for sample in group)
+    store.save_lengths("group-rough", rough)
+    store.save_lengths("group-samples", sizes)
+    return sizes, rough
+
+
+class _PackedSamples(Sequence):
+    """``dataset.records[i]`` / ``dataset.refs[i]`` of a packed dataset, made on access."""
+
+    def __init__(self, dataset: PackedSupervisedDataset, what: str):
+        self._dataset, self._what = dataset, what
+
+    def __len__(self) -> int:
+        return int(self._dataset._offsets[-1])
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        return self._dataset.sample_record(i) if self._what == "record" else self._dataset.sample_ref(i)
+
+
+class _GroupMembers(Sequence):
+    """``dataset.groups[g]``: the sample indices of group ``g`` (a range)."""
+
+    def __init__(self, offsets: np.ndarray):
+        self._offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, g: int) -> range:  # type: ignore[override]
+        if not 0 <= g < len(self):
+            raise IndexError(f"group {g} out of range (0..{len(self) - 1})")
+        return range(int(self._offsets[g]), int(self._offsets[g + 1]))
 
 
 class OnlinePackedDataset(LazySupervisedDataset):
@@ -557,6 +639,7 @@ class OnlinePackedDataset(LazySupervisedDataset):
         start = time.perf_counter()
         folder = os.path.dirname(self.annotations.stores[0].path)  # the annotation cache of this node
         self.plan: PackPlan = cached_plan(counts.length, self.pack_length, self.seed, folder)
+        self.groups = _BinMembers(self.plan)  # bin -> sample indices (the guard names a bad step's samples)
         check_same_on_every_rank(self.plan.digest(), "the online packing bins")
         logger.info(
             "online packing: %d samples into %d bins of %d tokens, fill %.2f%% (%d real tokens), in %.2f s; "
@@ -571,7 +654,7 @@ class OnlinePackedDataset(LazySupervisedDataset):
 
     def __getitem__(self, g: int) -> list[dict[str, Any] | Problem]:
         """The items of bin ``g``, each as ``LazySupervisedDataset.load_sample`` builds it."""
-        return [self.load_sample(int(i)) for i in self.plan.bin(g)]
+        return [self.load_sample(i) for i in self.groups[g]]
 
     @property
     def lengths(self) -> list[int]:
@@ -581,6 +664,21 @@ class OnlinePackedDataset(LazySupervisedDataset):
     def item_lengths(self) -> tuple[np.ndarray, bool]:
         """Real tokens of every bin, exact."""
         return self.plan.tokens, True
+
+
+class _BinMembers(Sequence):
+    """``dataset.groups[b]``: the sample indices of bin ``b`` of a ``PackPlan``."""
+
+    def __init__(self, plan: PackPlan):
+        self._plan = plan
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def __getitem__(self, b: int) -> list[int]:  # type: ignore[override]
+        if not 0 <= b < len(self):
+            raise IndexError(f"bin {b} out of range (0..{len(self) - 1})")
+        return self._plan.bin(b).tolist()
 
 
 def check_same_on_every_rank(digest: str, what: str) -> None:

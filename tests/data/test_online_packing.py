@@ -30,6 +30,7 @@ from qwenvl.data.data_qwen import (
 )
 from qwenvl.data.packing import BAD, first_fit_decreasing, offline_packed, plan_bins
 from qwenvl.data.vision import VisionConfig
+from qwenvl.train.guards import dataset_sample_refs
 from qwenvl.train.argument import DataArguments
 
 PIXELS = dict(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28, video_min_frame_pixels=4 * 28 * 28,
@@ -109,6 +110,8 @@ def test_bins_hold_every_sample_once_built_exactly_like_unpacked(tokenizer, imag
                 assert same, (g, i, key)
             seen[i] += 1
     assert seen == Counter(range(len(lazy)))
+    # the non-finite guard names a step's samples from the bin's members
+    assert dataset_sample_refs(packed, 0) == [lazy.refs[i] for i in packed.plan.bin(0).tolist()]
     assert len(packed) < len(lazy) / 2  # rows hold several samples
     assert packed.samples_per_dataset() == lazy.samples_per_dataset()
 
