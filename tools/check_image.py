@@ -6,14 +6,18 @@ Usage:
     python tools/check_image.py my_ds --model_name_or_path Qwen/Qwen2.5-VL-7B-Instruct --model_max_length 8192
 
 Inputs and outputs:
-    Each input is a registry name from ``qwenvl/data/__init__.py`` (optionally ``name%N``: the same
-    seeded N percent that ``--dataset_use name%N --seed S`` trains on) or an annotation file (a path
-    ending in .json/.jsonl, or containing a path separator), whose media paths are relative to
-    ``--data_path``. For each input the tool writes, next to its annotation file (or in
-    ``--output_dir``), ``<stem>_valid.json`` (a JSON list of the samples that passed, in file order:
-    register it to train on clean data) and ``<stem>_problems.json`` (one object per bad sample:
-    dataset, annotation_path, index, kind, reason, message), then prints a summary table (total,
-    valid, and the count of each problem kind) and the problems.
+    Each input is what training's ``--dataset_use`` takes, resolved the same way
+    (``qwenvl/data/sources.py``) and read from the same annotation store: a registry name from
+    ``qwenvl/data/__init__.py`` or from ``--dataset_registry FILE`` (its column mapping, split and
+    system prompt apply), an annotation file (.json list or .jsonl), a Hugging Face dataset
+    (``save_to_disk`` folder, parquet or arrow files) or a hub dataset in the local cache; each
+    optionally ``name%N``: the same seeded N percent that ``--dataset_use name%N --seed S`` trains on.
+    Media paths of inputs given by path are relative to ``--data_path``. For each input the tool
+    writes, next to its annotation file or dataset (or in ``--output_dir``; a hub dataset's in the
+    working folder), ``<stem>_valid.json`` (a JSON list of the samples that passed, in file order, as
+    training reads them: register it to train on clean data) and ``<stem>_problems.json`` (one object
+    per bad sample: dataset, annotation_path, index, kind, reason, message), then prints a summary
+    table (total, valid, and the count of each problem kind) and the problems.
 
 What is checked: ``qwenvl/data/validation.py``, the layer ``LazySupervisedDataset`` itself runs,
 in the same order (record structure, conversation, tags versus media, then every image and video
@@ -38,29 +42,32 @@ import argparse
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # `python tools/check_image.py` from a checkout
     sys.path.insert(0, str(_REPO_ROOT))
 
-from qwenvl.data.data_qwen import Problem, SampleRef, load_annotations, sample_indices  # noqa: E402
+from qwenvl.data.annotations import AnnotationStore  # noqa: E402
+from qwenvl.data.chat import Problem, SampleRef  # noqa: E402
 from qwenvl.data.validation import SampleValidator, summarize  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
 from tools.common import (  # noqa: E402
-    Source,
+    ToolInput,
+    add_input_flags,
     add_media_flags,
-    load_checkpoint,
     add_policy_flag,
-    check_distinct_inputs,
+    load_checkpoint,
+    load_dataset_registry,
     media_data_args,
-    output_stem,
-    resolve_input,
     write_json_atomic,
 )
+from tools.common import resolve_inputs as common_resolve_inputs  # noqa: E402
 
 CHUNK = 32  # samples per task sent to a worker
 SHOWN_PROBLEMS = 20  # problems printed per input; the problems file has them all
@@ -73,11 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tools/check_image.py", description=__doc__.split("\n\n")[0],
         epilog=__doc__[__doc__.index("Inputs and outputs:"):], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="registry names (name or name%%N) and/or annotation files (.json list or .jsonl)")
-    parser.add_argument("--data_path", default="",
-                        help="folder the media paths of annotation-FILE inputs are relative to (registry names use "
-                             "their own data_path); default: paths as written")
+    add_input_flags(parser)
     parser.add_argument("--model_name_or_path", default=None,
                         help="checkpoint: its image processor (patch geometry) and tokenizer (over_length and "
                              "no_labels checks); without it those two checks are skipped")
@@ -96,76 +99,98 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------- inputs
 @dataclass
-class CheckedSource(Source):
-    """One input and which of its samples are checked."""
-
-    error: str = ""  # a file-level problem (unreadable annotation file): nothing else is checked
+class CheckedSource(ToolInput):
+    """One input and which of its samples are checked (``error``: its store could not be opened)."""
 
     def output_path(self, suffix: str, output_dir: str | None) -> Path:
         """``<stem>_valid.json`` / ``<stem>_problems.json`` (``<stem>_{N}pct_...`` for ``%N``)."""
-        folder = Path(output_dir) if output_dir else Path(self.annotation_path).parent
-        return folder / f"{output_stem(self.annotation_path, self.sampling_rate)}_{suffix}.json"
+        return self.output_folder(output_dir) / f"{self.output_stem()}_{suffix}.json"
 
 
 def resolve_inputs(inputs: Sequence[str], data_path: str, seed: int) -> list[CheckedSource]:
-    """Registry names and annotation files -> sources with their selected sample indices.
+    """Inputs as ``--dataset_use`` takes them -> sources with their stores and selected rows.
 
-    A file that cannot be read as annotations (missing, empty, broken JSON) becomes a
-    source with ``error`` set; a JSONL line that does not parse is a ``bad_json`` sample.
+    A source whose records cannot be read (a missing, empty or broken annotation file, a column
+    mapping naming a missing column) becomes a source with ``error`` set; a JSONL line that does
+    not parse is a ``bad_json`` sample.
 
     Raises:
-        ValueError: an input that is neither a registered name nor a file path, a bad ``%N``, or an
-            input given twice.
+        ValueError: what ``resolve_sources`` refuses: an input that names nothing that exists (the message
+            lists the registered names), a bad ``%N``, or an input given twice.
     """
-    check_distinct_inputs(list(inputs))
-    sources = []
-    for spec in inputs:
-        name, rate, annotation_path, source_data_path = resolve_input(spec, data_path)
-        source = CheckedSource(spec, name, annotation_path, source_data_path, rate)
+    sources = [CheckedSource(i.label, i.source) for i in common_resolve_inputs(inputs, data_path)]
+    for source in sources:
         try:
-            source.records = load_annotations(annotation_path, bad_lines="keep")
-        except ValueError as exc:
+            source.open(seed)
+        except (ValueError, OSError) as exc:
             source.error = str(exc)
-        else:
-            source.indices = sample_indices(len(source.records), rate, seed, name)
-        sources.append(source)
     return sources
 
 
 # ------------------------------------------------------------------------ checking
-_worker_validator: SampleValidator | None = None
+@dataclass
+class _CheckJobs:
+    """Job k: ``(k, record, ref)`` of row ``rows[k]`` of a store, read where it is called (picklable: the store
+    pickles as its path)."""
+
+    store: AnnotationStore
+    rows: np.ndarray
+    dataset: str
+
+    def __call__(self, k: int) -> tuple[int, Any, SampleRef]:
+        row = int(self.rows[k])
+        source = self.store.source
+        return k, self.store[row], SampleRef(self.dataset, source.location, source.data_path, row)
 
 
-def _init_worker(validator: SampleValidator) -> None:
-    global _worker_validator
-    _worker_validator = validator
+# What a checking process needs: the validator and how to read job k. Set before the pool starts
+# (fork inherits it; spawn receives it through the initializer).
+_worker_state: tuple[SampleValidator, Callable[[int], tuple[int, Any, SampleRef]]] | None = None
 
 
-def _check_chunk(chunk: list[tuple[int, Any, SampleRef]]) -> list[tuple[int, Problem | None]]:
-    return [(position, _worker_validator.validate(record, ref)) for position, record, ref in chunk]
+def _init_worker(validator: SampleValidator, fetch: Callable[[int], tuple[int, Any, SampleRef]]) -> None:
+    global _worker_state
+    _worker_state = (validator, fetch)
 
 
-def check_samples(validator: SampleValidator, jobs: list[tuple[int, Any, SampleRef]], workers: int,
-                  desc: str, progress: bool = True) -> Iterator[tuple[int, Problem | None]]:
-    """Validate ``(position, record, ref)`` jobs, in processes when ``workers > 1``, with a progress bar.
+def _check_range(bounds: tuple[int, int]) -> list[tuple[int, Problem | None]]:
+    validator, fetch = _worker_state
+    results = []
+    for position, record, ref in map(fetch, range(*bounds)):
+        results.append((position, validator.validate(record, ref)))
+    return results
+
+
+def check_samples(validator: SampleValidator, num_jobs: int, fetch: Callable[[int], tuple[int, Any, SampleRef]],
+                  workers: int, desc: str, progress: bool = True) -> Iterator[tuple[int, Problem | None]]:
+    """Validate ``num_jobs`` samples, in processes when ``workers > 1``, with a progress bar.
+
+    Args:
+        validator: training's checks.
+        num_jobs: how many samples.
+        fetch: job number -> ``(position, record, ref)``; called where the sample is checked, so the
+            processes read their records from the memory-mapped store.
+        workers: processes (1 = check here).
+        desc: progress bar label.
+        progress: show a progress bar (on stderr).
 
     Yields:
         (position, the sample's first problem or None), in any order.
     """
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), desc=desc, unit="sample", disable=not progress, mininterval=0.5, file=sys.stderr)
+    bar = tqdm(total=num_jobs, desc=desc, unit="sample", disable=not progress, mininterval=0.5, file=sys.stderr)
     try:
-        if workers <= 1 or len(jobs) < 2 * CHUNK:
-            for position, record, ref in jobs:
+        if workers <= 1 or num_jobs < 2 * CHUNK:
+            for position, record, ref in map(fetch, range(num_jobs)):
                 yield position, validator.validate(record, ref)
                 bar.update()
             return
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        chunks = [jobs[start:start + CHUNK] for start in range(0, len(jobs), CHUNK)]
+        ranges = [(start, min(start + CHUNK, num_jobs)) for start in range(0, num_jobs, CHUNK)]
         with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
-                                                      initargs=(validator,)) as pool:
-            for results in pool.imap_unordered(_check_chunk, chunks):
+                                                      initargs=(validator, fetch)) as pool:
+            for results in pool.imap_unordered(_check_range, ranges):
                 yield from results
                 bar.update(len(results))
     finally:
@@ -190,18 +215,22 @@ def check_source(source: CheckedSource, validator: SampleValidator, workers: int
                  progress: bool = True) -> CheckResult:
     """Validate one input's selected samples and write its valid and problems files.
 
+    The valid file holds the records as training reads them (a Hugging Face row mapped to a record,
+    inline image bytes as ``data:`` URIs).
+
     Returns:
         the problems (sorted by index) and the paths written.
     """
     if source.error:
         return CheckResult(source, [])
-    jobs = [(position, source.records[index], SampleRef(source.name, source.annotation_path, source.data_path, index))
-            for position, index in enumerate(source.indices)]
+    rows = source.indices
     found: dict[int, Problem | None] = {}
-    for position, problem in check_samples(validator, jobs, workers, f"checking {source.label}", progress):
+    fetch = _CheckJobs(source.store, rows, source.name)
+    for position, problem in check_samples(validator, len(rows), fetch, workers, f"checking {source.label}",
+                                           progress):
         found[position] = problem
     problems = sorted((p for p in found.values() if p is not None), key=lambda p: p.index)
-    valid = [source.records[index] for position, index in enumerate(source.indices) if found[position] is None]
+    valid = [source.store[row] for position, row in enumerate(rows.tolist()) if found[position] is None]
     result = CheckResult(source, problems, source.output_path("valid", output_dir),
                          source.output_path("problems", output_dir))
     write_json_atomic(result.valid_path, valid, indent=1)
@@ -268,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        load_dataset_registry(args.dataset_registry)
         sources = resolve_inputs(args.inputs, args.data_path, args.seed)
         validator = load_validator(args)
     except ValueError as exc:

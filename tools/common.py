@@ -1,4 +1,10 @@
-"""What the dataset tools (pack_data.py, check_image.py) share: inputs, media flags, atomic writes."""
+"""What the dataset tools (pack_data.py, check_image.py) share: inputs, media flags, atomic writes.
+
+Inputs are resolved exactly as training resolves ``--dataset_use`` (``qwenvl.data.sources.resolve_sources``:
+registry names, .json/.jsonl files, Hugging Face datasets, cached hub names, ``%N``) and read through
+the same memory-mapped annotation store (``qwenvl.data.annotations.open_store``), so a tool sees the
+records training sees, in the same ``%N`` subset.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,17 @@ import argparse
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwenvl.data import data_dict, data_list, parse_sampling_rate
+import numpy as np
+
+from qwenvl.data import data_dict, load_registry_file
+from qwenvl.data.annotations import AnnotationStore, open_store
+from qwenvl.data.chat import sample_indices
+from qwenvl.data.sources import Source, resolve_sources
 from qwenvl.data.vision import VisionConfig
 from qwenvl.models import ModelFamily, VisionSettings, family_for
 from qwenvl.models.base import read_json
@@ -21,6 +33,7 @@ from qwenvl.train.argument import DataArguments, PixelCount
 MEDIA_FLAGS = ("max_pixels", "min_pixels", "base_interval", "video_max_frames", "video_min_frames",
                "video_max_frame_pixels", "video_min_frame_pixels", "video_fps", "video_max_pixels", "video_min_pixels")
 _FLAG_TYPES = {"PixelCount": PixelCount, "int": int, "float": float}
+_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")  # stripped from an input's name to name its outputs
 
 
 def add_media_flags(parser: argparse.ArgumentParser) -> None:
@@ -75,70 +88,134 @@ def load_checkpoint(path: str, data_args: DataArguments) -> Checkpoint:
     return Checkpoint(AutoTokenizer.from_pretrained(path), vision_config, family, family.vision_settings(path))
 
 
-def looks_like_file(name: str) -> bool:
-    """An input that names an annotation file rather than a registered dataset."""
-    return name.endswith((".json", ".jsonl")) or os.sep in name or (os.altsep is not None and os.altsep in name)
+# ------------------------------------------------------------------------- inputs
+def add_input_flags(parser: argparse.ArgumentParser) -> None:
+    """The positional inputs, ``--data_path`` and ``--dataset_registry`` (training's registry file flag)."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="what --dataset_use takes: registry names (name or name%%N), annotation files (.json "
+                             "list or .jsonl), Hugging Face datasets (save_to_disk folder, parquet or arrow files) "
+                             "or cached hub dataset names, each optionally with %%N")
+    parser.add_argument("--data_path", default="",
+                        help="folder the media paths of inputs given by path (not registry names, which use their "
+                             "own data_path) are relative to; default: paths as written")
+    parser.add_argument("--dataset_registry", default="",
+                        help="as in training: a registry file (YAML or JSON: name -> {annotation_path, data_path, "
+                             "and optionally columns, split, system_prompt}) whose names the inputs may use")
+
+
+def load_dataset_registry(path: str) -> list[str]:
+    """Add the entries of ``--dataset_registry`` to the registry (``qwenvl.data.load_registry_file``).
+
+    Returns:
+        the names it added (none when ``path`` is empty).
+
+    Raises:
+        ValueError: ``--dataset_registry {path}: {cause}`` (unreadable, malformed, or redefining a name).
+    """
+    if not path:
+        return []
+    try:
+        return load_registry_file(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--dataset_registry {path}: {exc}") from None
 
 
 @dataclass
-class Source:
-    """One input of a tool: where its samples come from and which of them it works on."""
+class ToolInput:
+    """One input of a tool: its resolved source, its annotation store and the rows it works on.
 
-    label: str  # what the user typed
-    name: str  # registry name, or the annotation path for file inputs
-    annotation_path: str
-    data_path: str
-    sampling_rate: float
-    records: list = field(repr=False, default_factory=list)
-    indices: list[int] = field(repr=False, default_factory=list)
+    Attributes:
+        label: what the user typed (``name%N``).
+        source: as training resolves it; ``data_path`` is ``--data_path`` for an input given by path.
+        store: the memory-mapped records (None until opened, or when opening failed).
+        indices: (n,) int64 rows kept by ``%N``, in store order (the subset training keeps).
+        error: why the store could not be opened ("" when it was).
+    """
+
+    label: str
+    source: Source
+    store: AnnotationStore | None = field(default=None, repr=False)
+    indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    error: str = ""
+
+    @property
+    def name(self) -> str:
+        """The registry name, or the input as typed: what ``%N`` subsets are seeded with."""
+        return self.source.name
+
+    @property
+    def annotation_path(self) -> str:
+        """The annotation file, dataset folder or file, or hub name (what messages name)."""
+        return self.source.location
+
+    @property
+    def data_path(self) -> str:
+        """The folder media paths are relative to ("" = as written)."""
+        return self.source.data_path
+
+    @property
+    def sampling_rate(self) -> float:
+        """The ``%N`` of the input as a fraction."""
+        return self.source.sampling_rate
+
+    def open(self, seed: int) -> None:
+        """Open (converting once if needed) the store and pick the ``%N`` rows as training does.
+
+        Raises:
+            ValueError: the annotation file cannot be read (``load_annotations``'s messages), or a bad
+                Hugging Face source or column mapping (``SourceError``).
+            OSError: the files cannot be read.
+        """
+        self.store = open_store(self.source)
+        self.indices = np.asarray(sample_indices(len(self.store), self.sampling_rate, seed, self.name), np.int64)
+
+    def output_folder(self, output_dir: str | None) -> Path:
+        """``output_dir``, else the folder holding the annotation file or dataset (the working folder for a
+        hub dataset)."""
+        if output_dir:
+            return Path(output_dir)
+        if self.source.kind == "hub":
+            return Path.cwd()
+        return Path(self.annotation_path.rstrip("/\\") or ".").parent
+
+    def output_stem(self, with_rate: bool = True) -> str:
+        """``train.json`` -> ``train``; with ``%50`` -> ``train_50pct`` (unless ``with_rate`` is False); a Hugging
+        Face dataset's split is added (``ds`` with split test -> ``ds_test``).
+
+        Example:
+            >>> ToolInput("x%50", Source("x", "json", "/d/train.json", (), "", 0.5)).output_stem()
+            'train_50pct'
+        """
+        stem = Path(self.annotation_path.rstrip("/\\")).name
+        for suffix in _SUFFIXES:
+            stem = stem.removesuffix(suffix)
+        if self.source.kind not in ("json", "jsonl") and self.source.split:
+            stem += f"_{self.source.split}"
+        return stem + (f"_{self.sampling_rate * 100:g}pct" if with_rate and self.sampling_rate < 1.0 else "")
 
 
-def resolve_input(spec: str, data_path: str) -> tuple[str, float, str, str]:
-    """One input (``name``, ``name%N``, ``file.json`` or ``file.json%N``) -> where its samples are.
+def resolve_inputs(specs: Sequence[str], data_path: str) -> list[ToolInput]:
+    """The tool's inputs, resolved by ``resolve_sources`` exactly as ``--dataset_use`` entries (stores not opened).
 
     Args:
-        spec: what the user typed.
-        data_path: media folder of annotation-file inputs (registry entries bring their own).
+        specs: e.g. ``["demo_single_image%50", "/data/extra.jsonl", "/data/hf_folder"]``.
+        data_path: media folder of inputs given by path or hub name (registry entries bring their own).
 
     Returns:
-        (name, sampling rate, annotation_path, data_path); ``name`` is the registry
-        name or the annotation path, the key ``%N`` subsets are seeded with.
+        one ``ToolInput`` per non-blank spec, in order.
 
     Raises:
-        ValueError: neither a registered name nor a file path (the message lists the
-            registered names), or a bad ``%N``.
+        SourceError: an input that names nothing that exists (the message lists the registered names), a bad
+            ``%N``, the same dataset or file named twice, a folder that is not a dataset, a missing split.
     """
-    name, rate = parse_sampling_rate(spec)
-    if looks_like_file(name):
-        return name, rate, name, data_path
-    if name in data_dict:
-        config = data_list([spec])[0]
-        return name, rate, config["annotation_path"], config["data_path"]
-    raise ValueError(
-        f"input {spec!r} is neither a registered dataset nor an annotation file (.json/.jsonl or a path); "
-        f"registered datasets: {', '.join(sorted(data_dict))}"
-    )
-
-
-def check_distinct_inputs(specs: list[str]) -> None:
-    """Refuse an input named twice (``a a`` or ``a%50 a%50``): its samples would be checked or packed twice.
-
-    Raises:
-        ValueError: naming the input given twice.
-
-    Example:
-        >>> check_distinct_inputs(["demo_video", "demo_video%50"])
-        Traceback (most recent call last):
-        ValueError: input 'demo_video' is given twice ('demo_video' and 'demo_video%50'): its samples would be counted twice; name it once
-    """
-    seen: dict[str, str] = {}
-    for spec in specs:
-        name, _ = parse_sampling_rate(spec)
-        key = os.path.abspath(name) if looks_like_file(name) else name
-        if key in seen:
-            raise ValueError(f"input {name!r} is given twice ({seen[key]!r} and {spec!r}): its samples would be "
-                             f"counted twice; name it once")
-        seen[key] = spec
+    labels = [spec.strip() for spec in specs if spec.strip()]
+    sources = resolve_sources(labels)
+    inputs = []
+    for label, source in zip(labels, sources):
+        if source.name not in data_dict:  # given by path: its media are relative to --data_path, as before
+            source = dataclasses.replace(source, data_path=data_path)
+        inputs.append(ToolInput(label, source))
+    return inputs
 
 
 def add_policy_flag(parser: argparse.ArgumentParser, skip_help: str) -> None:
@@ -146,12 +223,6 @@ def add_policy_flag(parser: argparse.ArgumentParser, skip_help: str) -> None:
     parser.add_argument("--bad_sample_policy", choices=("skip", "error"), default="skip",
                         help=f"as in training: 'skip' (default) {skip_help}; 'error' stops at the first bad sample "
                              f"(lowest index of the first input that has one) naming its file, index and cause")
-
-
-def output_stem(annotation_path: str, sampling_rate: float) -> str:
-    """``train.json`` -> ``train``; with ``%50`` -> ``train_50pct``."""
-    stem = Path(annotation_path).name.removesuffix(".jsonl").removesuffix(".json")
-    return stem + (f"_{sampling_rate * 100:g}pct" if sampling_rate < 1.0 else "")
 
 
 def write_json_atomic(path: Path, payload: Any, indent: int | None = None) -> None:

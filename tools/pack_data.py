@@ -64,7 +64,6 @@ if str(_REPO_ROOT) not in sys.path:  # `python tools/pack_data.py` from a checko
 
 from qwenvl.data.packing import (  # noqa: E402,F401 - first_fit_decreasing: also imported from here (bench)
     NOT_CACHED,
-    UNEXPECTED,
     _StoreJobs,
     count_jobs,
     first_fit_decreasing,

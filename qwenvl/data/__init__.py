@@ -58,6 +58,7 @@ data_dict = {
 }
 
 _NAME_RATE = re.compile(r"^(?P<name>[^%]+?)(?:%(?P<rate>.*))?$")
+_HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
 def parse_sampling_rate(spec: str) -> tuple[str, float]:
@@ -131,26 +132,50 @@ def data_list(dataset_names: list[str]) -> list[dict]:
     return configs
 
 
+def looks_like_hub_name(name: str) -> bool:
+    """Whether ``name`` has the shape of a Hugging Face hub dataset name (``owner/name`` or ``name``).
+
+    Example:
+        >>> looks_like_hub_name("lmms-lab/LLaVA-OneVision-Data"), looks_like_hub_name("data/train.json")
+        (True, False)
+    """
+    return (name.count("/") <= 1 and not name.startswith((".", "/", "~")) and not os.path.splitext(name)[1]
+            and bool(_HUB_NAME.fullmatch(name)))
+
+
+# Optional keys of a registry entry and the type each must have (see qwenvl.data.sources).
+_OPTIONAL_KEYS = {"split": str, "system_prompt": str, "columns": dict}
+
+
 def load_registry_file(path: str) -> list[str]:
     """Add the datasets of a registry file (YAML or JSON) to ``data_dict``; returns their names.
 
-    The file maps names to entries shaped like the Python ones::
+    The file maps names to entries shaped like the Python ones, with the optional
+    ``columns``, ``split`` and ``system_prompt`` of ``qwenvl.data.sources``::
 
         my_dataset:
           annotation_path: /data/my_dataset/train.json
           data_path: /data/my_dataset
+        my_qa:
+          annotation_path: qa_parquet          # a local Hugging Face dataset, or a cached hub name
+          data_path: ""
+          split: test
+          system_prompt: Answer briefly.
+          columns: {image: img, question: q, answer: a}
 
-    Relative paths in the file are relative to the file's folder. A name already in
-    ``data_dict`` with a different entry is an error (rename one of them).
+    Relative paths in the file are relative to the file's folder; an ``annotation_path``
+    shaped like a hub name (``owner/name``) that is no path there stays a hub name. A name
+    already in ``data_dict`` with a different entry is an error (rename one of them).
 
     Raises:
         ValueError: the file is not a mapping of names to entries with an ``annotation_path``,
+            an optional key has the wrong type (e.g. ``split: 2024`` read by YAML as a number),
             or it redefines a registered name.
         OSError: the file cannot be read.
 
     Example:
         >>> load_registry_file("my_registry.yaml")
-        ['my_dataset']
+        ['my_dataset', 'my_qa']
     """
     import json
 
@@ -168,11 +193,18 @@ def load_registry_file(path: str) -> list[str]:
     for name, entry in entries.items():
         if not isinstance(entry, dict) or "annotation_path" not in entry:
             raise ValueError(f"{path}: entry {name!r} should be a mapping with annotation_path (and data_path)")
+        for key, expected in _OPTIONAL_KEYS.items():
+            value = entry.get(key)
+            if value is not None and not isinstance(value, expected):
+                raise ValueError(f"{path}: entry {name!r}: {key} should be a {expected.__name__} but found "
+                                 f"{type(value).__name__} {value!r}" + (" (quote it)" if expected is str else ""))
         resolved = dict(entry)
         for key in ("annotation_path", "data_path"):
-            value = resolved.get(key) or ""
+            value = str(resolved.get(key) or "")
             if value and not os.path.isabs(value):
-                value = str((file.parent / value).resolve())
+                local = file.parent / value
+                if key == "data_path" or local.exists() or not looks_like_hub_name(value):
+                    value = str(local.resolve())
             resolved[key] = value
         if name in data_dict and data_dict[name] != resolved:
             raise ValueError(f"{path}: dataset {name!r} is already registered with {data_dict[name]}; rename it")

@@ -47,7 +47,25 @@ from typing import Any
 
 import numpy as np
 
-from qwenvl.data.chat import BadRecord, SampleRef, load_annotations, sample_images, sample_indices, sample_videos
+try:
+    import fcntl
+
+    _SHARED, _EXCLUSIVE_NOW = fcntl.LOCK_SH, fcntl.LOCK_EX | fcntl.LOCK_NB
+except ImportError:  # not a Unix system: stale stores are removed without the in-use check
+    fcntl = None
+    _SHARED = _EXCLUSIVE_NOW = 0
+
+from qwenvl.data.chat import (
+    BadRecord,
+    SampleRef,
+    iter_jsonl,
+    jsonl_bad_record,
+    jsonl_line_error,
+    load_annotations,
+    sample_images,
+    sample_indices,
+    sample_videos,
+)
 from qwenvl.data.sources import (
     RowError,
     Source,
@@ -69,7 +87,8 @@ DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "qwenvl", "annotations")
 ROWS_PER_BATCH = 8192
 _INLINE = "$inline"  # placeholder {"$inline": k} for the k-th inline image of a row (bytes in ``media``)
 _WS = re.compile(r"[ \t\n\r]*")
-_CODE_FILES = ("annotations.py", "sources.py")
+_CODE_FILES = ("annotations.py", "sources.py", "chat.py")  # chat.py: JSONL lines, media counts
+_KEY_CHARS = 24  # hex characters of cache_key
 
 
 def default_cache_dir() -> str:
@@ -104,6 +123,27 @@ def _code_hash() -> str:
     return digest.hexdigest()
 
 
+def _identity(source: Source) -> dict[str, Any]:
+    """What names a source regardless of its files' content: kind, location, split and mapping."""
+    return {
+        "kind": source.kind,
+        "location": source.location if source.kind == "hub" else os.path.abspath(source.location),
+        "split": source.split,
+        "columns": sorted(source.columns.items()),
+        "system_prompt": source.system_prompt,
+    }
+
+
+def source_identity(source: Source) -> str:
+    """Hex id of a source that survives changes of its files and of this code (recorded in a store's ``.meta``).
+
+    Stores with the same identity and another ``cache_key`` are older versions of the same
+    records: ``remove_stale_stores`` deletes them. A changed mapping is another identity: two
+    registry entries may read one file with two mappings in the same run.
+    """
+    return hashlib.sha256(json.dumps(_identity(source), sort_keys=True).encode()).hexdigest()[:24]
+
+
 def cache_key(source: Source) -> str:
     """Hex key of a source's store: its files' fingerprints, kind, location, split, mapping and this code.
 
@@ -113,20 +153,19 @@ def cache_key(source: Source) -> str:
     probe = 1 << 20 if len(source.files) <= 16 else 1 << 16
     material = {
         "code": _code_hash(),
-        "kind": source.kind,
-        "location": source.location if source.kind == "hub" else os.path.abspath(source.location),
-        "split": source.split,
-        "columns": sorted(source.columns.items()),
-        "system_prompt": source.system_prompt,
+        **_identity(source),
         "files": [[os.path.abspath(f), *fingerprint_file(f, probe)] for f in source.files],
     }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:_KEY_CHARS]
 
 
 def store_path(source: Source, cache_dir: str | None = None) -> str:
     """Where the store of ``source`` lives: ``{cache_dir}/{readable name}-{cache_key}.arrow``."""
-    readable = re.sub(r"[^\w.-]+", "_", os.path.basename(source.location.rstrip("/")) or source.name)[:60]
-    return os.path.join(cache_dir or default_cache_dir(), f"{readable}-{cache_key(source)}.arrow")
+    return os.path.join(cache_dir or default_cache_dir(), f"{_readable(source)}-{cache_key(source)}.arrow")
+
+
+def _readable(source: Source) -> str:
+    return re.sub(r"[^\w.-]+", "_", os.path.basename(source.location.rstrip("/")) or source.name)[:60]
 
 
 # ------------------------------------------------------------------ record statistics
@@ -227,29 +266,6 @@ def _split_inline(record: dict[str, Any]) -> tuple[dict[str, Any], list[bytes] |
             value = record[key]
             record[key] = [out(v) for v in value] if isinstance(value, list) else out(value)
     return record, media or None
-
-
-def _parse_jsonl_line(raw: bytes) -> tuple[Any, str | None]:
-    """(record, None), or (None, the reason ``load_annotations`` gives for a bad line)."""
-    try:
-        return json.loads(raw.decode("utf-8")), None
-    except UnicodeDecodeError as exc:
-        return None, f"not valid UTF-8 (column {exc.start + 1})"
-    except json.JSONDecodeError as exc:
-        return None, f"{exc.msg} (column {exc.colno})"
-
-
-def _iter_jsonl(path: str) -> Iterator[tuple[bytes, Any, int, str | None]]:
-    """(raw line, record, line number, bad-line reason) for every non-blank line, reading one line at a time."""
-    with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            raw = raw.rstrip(b"\n")
-            if not raw.strip():
-                continue
-            record, detail = _parse_jsonl_line(raw)
-            yield raw, record, line_no, detail
 
 
 class _Fallback(Exception):
@@ -366,12 +382,12 @@ def _convert_json(source: Source, writer: _Writer) -> None:
         raise ValueError(missing)
     add = _Adder(source, writer)
     if source.kind == "jsonl":
-        for raw, record, line_no, detail in _iter_jsonl(path):
+        for line_no, raw, record, detail in iter_jsonl(path):
             if detail is None:
                 add(raw, record)
             else:
-                writer.add_bad({"reason": f"line {line_no}: invalid JSON line: {detail}", "kind": "bad_json",
-                                "line": line_no, "detail": detail})
+                bad = jsonl_bad_record(line_no, detail)
+                writer.add_bad({"reason": bad.reason, "kind": bad.kind, "line": line_no, "detail": detail})
         if not writer.rows:
             load_annotations(path, bad_lines="keep")  # raises "the annotation file is empty"
         add.finish()
@@ -430,7 +446,7 @@ def build_store(source: Source, path: str) -> None:
             raise SourceError(f"{source.describe()}: the dataset holds no samples")
         with open(temporary + ".meta", "w", encoding="utf-8") as handle:
             json.dump({"rows": writer.rows, "num_bad": writer.num_bad, "bad_rows": writer.bad_rows,
-                       "any_media": writer.any_media}, handle)
+                       "any_media": writer.any_media, "identity": source_identity(source)}, handle)
         os.replace(temporary + ".meta", path + ".meta")  # before the store: a store never lacks its .meta
         os.replace(temporary, path)
     finally:
@@ -441,6 +457,8 @@ def build_store(source: Source, path: str) -> None:
 
 def open_store(source: Source, cache_dir: str | None = None) -> "AnnotationStore":
     """The store of ``source``, built first if no valid one is cached (one process per cache folder builds).
+
+    After a build, the older stores of the same source are removed (``remove_stale_stores``).
 
     Args:
         source: from ``sources.resolve_source``.
@@ -455,22 +473,130 @@ def open_store(source: Source, cache_dir: str | None = None) -> "AnnotationStore
     """
     from filelock import FileLock, Timeout
 
-    path = store_path(source, cache_dir)
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        lock = FileLock(path + ".lock")
+    for attempt in range(3):
+        path = store_path(source, cache_dir)
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            lock = FileLock(path + ".lock")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                logger.info("waiting for another process to convert %s into %s", source.describe(), path)
+                lock.acquire()
+            try:
+                if not os.path.exists(path):
+                    logger.info("converting %s into %s (once; later runs reuse it)", source.describe(), path)
+                    build_store(source, path)
+                    remove_stale_stores(source, path)
+            finally:
+                lock.release()
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            logger.info("waiting for another process to convert %s into %s", source.describe(), path)
-            lock.acquire()
+            return AnnotationStore(path, source)
+        except FileNotFoundError:
+            # Removed between the check and the open: the source's files changed since the key was
+            # computed and another process built and cleaned up. The next round recomputes the key.
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------ stale stores
+def _flock(handle: Any, operation: int) -> bool | None:
+    """``fcntl.flock``: True when taken, False when another open file holds it (``LOCK_NB``), None without flock."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(handle.fileno(), operation)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without flock (some network mounts)
+        return None
+
+
+def remove_stale_stores(source: Source, path: str) -> list[str]:
+    """Delete the older stores of ``source`` next to its store ``path``; call with ``path``'s build lock held.
+
+    A store is older when its ``.meta`` records the same ``source_identity`` under another key (the
+    files or this code changed since). Its files go: the ``.arrow``, ``.meta``, the ``save_lengths``
+    arrays (``<store>.<name>.npy``), leftovers of killed builds, and its ``.lock`` when that lock can
+    be taken. Also removed: this key's leftover temporaries of killed builds (the lock held by the
+    caller means no other process is writing one). Stores of other sources, stores written before
+    identities were recorded, and stores some live process has open are kept.
+
+    Every ``AnnotationStore`` holds a shared ``flock`` on its file while it lives, so a store still
+    read by a running job (whose DataLoader workers may open it again by path) is left for a later
+    build. Where the file system has no ``flock``, stores are removed anyway: on Linux, removing a
+    file only drops its name; a process that has it memory-mapped keeps reading valid pages until
+    it unmaps it.
+
+    Args:
+        source: the source whose store was just built.
+        path: that store.
+
+    Returns:
+        the paths removed.
+    """
+    directory, name = os.path.split(path)
+    identity = source_identity(source)
+    store_name = re.compile(re.escape(_readable(source)) + r"-[0-9a-f]{%d}\.arrow" % _KEY_CHARS)
+    names = sorted(os.listdir(directory))
+    removed = [os.path.join(directory, n) for n in names if n.startswith(f"{name}.tmp-")]
+    for leftover in removed:
+        _remove_file(leftover)
+    for other in names:
+        if other == name or not store_name.fullmatch(other):
+            continue
         try:
-            if not os.path.exists(path):
-                logger.info("converting %s into %s (once; later runs reuse it)", source.describe(), path)
-                build_store(source, path)
-        finally:
-            lock.release()
-    return AnnotationStore(path, source)
+            with open(os.path.join(directory, other + ".meta"), encoding="utf-8") as handle:
+                if json.load(handle).get("identity") != identity:
+                    continue  # another source whose file has the same name, or a store from before identities
+        except (OSError, ValueError):
+            continue
+        removed += _remove_store(directory, other, names)
+    if removed:
+        logger.info("removed %d files of older stores of %s from %s", len(removed), source.describe(), directory)
+    return removed
+
+
+def _remove_store(directory: str, name: str, names: list[str]) -> list[str]:
+    """Remove store ``name`` and its side files unless a process is building or reading it; the paths removed."""
+    store = os.path.join(directory, name)
+    stem = name[:-len(".arrow")]
+    lock = open(store + ".lock", "rb") if os.path.exists(store + ".lock") else None
+    try:
+        locked = _flock(lock, _EXCLUSIVE_NOW) if lock is not None else None
+        if locked is False:
+            return []  # a process is building or checking it
+        try:
+            handle = open(store, "rb")
+        except FileNotFoundError:
+            return []  # another process removed it first
+        with handle:
+            if _flock(handle, _EXCLUSIVE_NOW) is False:
+                logger.info("keeping %s: a running process reads it", store)
+                return []
+            # The store first: open_store checks its name. Readers waiting for a shared lock see the
+            # file unlinked (st_nlink 0) once this lock is released and look for the new store.
+            removed = [store] + [os.path.join(directory, n) for n in names
+                                 if n.startswith(f"{stem}.") and n != name and n != f"{name}.lock"]
+            for file in removed:
+                _remove_file(file)
+        if locked:  # held by us: no process builds this key now (a waiter on the old inode at worst
+            # builds it once more, into its own temporary renamed into place: nothing is corrupted)
+            _remove_file(store + ".lock")
+            removed.append(store + ".lock")
+        return removed
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 # ------------------------------------------------------------------ reading
@@ -493,6 +619,12 @@ class AnnotationStore:
     def _open(self) -> None:
         import pyarrow as pa
 
+        # A shared lock for the store's lifetime: remove_stale_stores leaves a store that is read.
+        handle = open(self.path, "rb")
+        if _flock(handle, _SHARED) and os.fstat(handle.fileno()).st_nlink == 0:
+            handle.close()  # removed as stale while this process waited for the lock
+            raise FileNotFoundError(f"{self.path}: removed as an older store of {self.source.describe()}")
+        self._handle = handle
         self._mmap = pa.memory_map(self.path)
         self.table = pa.ipc.open_stream(self._mmap).read_all()  # zero-copy views into the mapping
         meta_path = self.path + ".meta"
@@ -566,7 +698,7 @@ class AnnotationStore:
         for row in self.bad_rows:
             problem = json.loads(self.raw(row))["$bad"]
             if problem.get("kind") == "bad_json":
-                raise ValueError(f"{self.source.location}:{problem['line']}: invalid JSON line: {problem['detail']}")
+                raise jsonl_line_error(self.source.location, problem["line"], problem["detail"])
 
     # ---- exact lengths: a hook for token counts computed elsewhere (token_count.TokenCounter)
     def lengths_path(self, name: str) -> str:

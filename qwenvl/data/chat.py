@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ IGNORE_INDEX = -100
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
 
+UTF8_BOM = b"\xef\xbb\xbf"  # a byte-order mark some editors put first; not part of the data
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -112,47 +113,95 @@ def load_annotations(path: str, bad_lines: str = "raise") -> list[Any]:
     missing = media_file_problem(path, "annotation")
     if missing is not None:
         raise ValueError(missing)
-    with open(path, "rb") as handle:
-        data = handle.read()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if not data.strip():
-        raise ValueError(f"{path}: the annotation file is empty")
     if path.endswith(".jsonl"):
         records: Any = []
-        # Split on "\n" only: str.splitlines() would also split inside strings holding U+2028 and friends.
-        for line_no, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            try:
-                records.append(json.loads(raw.decode("utf-8")))
-                continue
-            except UnicodeDecodeError as exc:
-                detail = f"not valid UTF-8 (column {exc.start + 1})"
-            except json.JSONDecodeError as exc:
-                detail = f"{exc.msg} (column {exc.colno})"
-            if bad_lines == "raise":
-                raise ValueError(f"{path}:{line_no}: invalid JSON line: {detail}")
-            records.append(BadRecord(f"line {line_no}: invalid JSON line: {detail}"))
-    else:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line_no = data[:exc.start].count(b"\n") + 1
-            column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-            raise ValueError(f"{path}:{line_no}: not valid UTF-8 (column {column})") from None
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            hint = "; one JSON object per line? name the file .jsonl" if exc.msg == "Extra data" else ""
-            raise ValueError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}){hint}") from None
-        if isinstance(records, dict):
-            records = [records]
+        for line_no, _, record, detail in iter_jsonl(path):  # one line in memory at a time
+            if detail is None:
+                records.append(record)
+            elif bad_lines == "raise":
+                raise jsonl_line_error(path, line_no, detail)
+            else:
+                records.append(jsonl_bad_record(line_no, detail))
+        if not records:  # no line holds anything but whitespace
+            raise ValueError(f"{path}: the annotation file is empty")
+        return records
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data.startswith(UTF8_BOM):
+        data = data[len(UTF8_BOM):]
+    if not data.strip():
+        raise ValueError(f"{path}: the annotation file is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = data[:exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ValueError(f"{path}:{line_no}: not valid UTF-8 (column {column})") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = "; one JSON object per line? name the file .jsonl" if exc.msg == "Extra data" else ""
+        raise ValueError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}){hint}") from None
+    if isinstance(records, dict):
+        records = [records]
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of samples, got {type(records).__name__}")
     if not records:
         raise ValueError(f"{path}: the annotation file holds no samples")
     return records
+
+
+def parse_jsonl_line(raw: bytes) -> tuple[Any, str | None]:
+    """One JSONL line -> (record, None), or (None, why it is not a JSON value).
+
+    The one rule for a bad line, shared by ``load_annotations`` and the annotation store.
+
+    Example:
+        >>> parse_jsonl_line(b'{"a": 1}'), parse_jsonl_line(b'{"a": }')
+        (({'a': 1}, None), (None, 'Expecting value (column 7)'))
+    """
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError as exc:
+        return None, f"not valid UTF-8 (column {exc.start + 1})"
+    except json.JSONDecodeError as exc:
+        return None, f"{exc.msg} (column {exc.colno})"
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[int, bytes, Any, str | None]]:
+    """(line number, line, record, bad-line reason) for every non-blank line of a JSONL file, one line at a time.
+
+    Lines end at ``b"\\n"`` only (U+2028 inside a string does not end one); a byte-order mark
+    before the first line is dropped; a line of only whitespace is skipped. ``line`` is the
+    line's bytes without its ``\\n``; ``record`` is None and ``reason`` says why for a line that
+    does not parse (``parse_jsonl_line``).
+
+    Raises:
+        OSError: the file cannot be read.
+
+    Example:
+        >>> next(iter_jsonl("demo/text_only.jsonl"))[0]
+        1
+    """
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):  # a binary file splits on b"\n" only
+            if line_no == 1 and raw.startswith(UTF8_BOM):
+                raw = raw[len(UTF8_BOM):]
+            raw = raw.rstrip(b"\n")
+            if not raw.strip():
+                continue
+            record, detail = parse_jsonl_line(raw)
+            yield line_no, raw, record, detail
+
+
+def jsonl_line_error(path: str, line_no: int, detail: str) -> ValueError:
+    """The error for a JSONL line that does not parse: ``"{path}:{line_no}: invalid JSON line: {detail}"``."""
+    return ValueError(f"{path}:{line_no}: invalid JSON line: {detail}")
+
+
+def jsonl_bad_record(line_no: int, detail: str) -> BadRecord:
+    """What a JSONL line that does not parse becomes under ``bad_lines="keep"`` (keeps later indices)."""
+    return BadRecord(f"line {line_no}: invalid JSON line: {detail}")
 
 
 def sample_indices(num_records: int, sampling_rate: float, seed: int, name: str) -> list[int]:

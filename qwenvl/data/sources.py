@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwenvl.data import data_dict, parse_sampling_rate
+from qwenvl.data import data_dict, looks_like_hub_name, parse_sampling_rate
 
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
@@ -151,7 +151,7 @@ def resolve_source(entry: str, sampling_rate: float = 1.0, registry: dict[str, d
         columns = dict(config.get("columns") or {})
         check_mapping_keys(columns, entry)
         split = config.get("split")
-        if not os.path.exists(location) and _looks_like_hub_name(location):
+        if not os.path.exists(location) and looks_like_hub_name(location):
             return _hub_source(entry, location, sampling_rate, columns, split, config.get("system_prompt"),
                                str(config.get("data_path") or ""))
         kind, files, split = locate(location, entry, split)
@@ -161,7 +161,7 @@ def resolve_source(entry: str, sampling_rate: float = 1.0, registry: dict[str, d
         kind, files, split = locate(entry, entry, None)
         folder = entry if os.path.isdir(entry) else os.path.dirname(os.path.abspath(entry))
         return Source(entry, kind, entry, files, folder, sampling_rate, split=split)
-    if _looks_like_hub_name(entry) and hub_cache_dirs(entry):
+    if looks_like_hub_name(entry) and hub_cache_dirs(entry):
         return _hub_source(entry, entry, sampling_rate, {}, None, None, "")
     raise SourceError(
         f"unknown dataset {entry!r} in --dataset_use; registered datasets: {', '.join(sorted(registry))}; nor is it "
@@ -260,11 +260,6 @@ def _split_files(files: list[str], root: str, split: str | None, label: str) -> 
 
 
 # ------------------------------------------------------------------ hub cache
-def _looks_like_hub_name(name: str) -> bool:
-    return (name.count("/") <= 1 and not name.startswith((".", "/", "~")) and not os.path.splitext(name)[1]
-            and bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)))
-
-
 def _datasets_cache_root() -> str:
     import datasets
 

@@ -93,7 +93,8 @@ MEDIA_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".
                     ".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v", ".mpeg", ".mpg")
 # Tokens that structure the chat or the vision blocks: inside a turn's text they would shift
 # the label mask or the image-token count. Grounding tokens (<|box_start|> ...) are fine.
-# (The same strings for every Qwen-VL family so far; a family with others would pass its own.)
+# ``check_record`` takes them from the sample's family (``family.tokens``); these, the same strings
+# for every Qwen-VL family so far, are for callers without one.
 STRUCTURE_TOKENS = SpecialTokens().structure()
 
 T = TypeVar("T")
@@ -149,13 +150,15 @@ def _looks_like_media(value: Any) -> bool:
     return isinstance(value, str) and (value.lower().endswith(MEDIA_EXTENSIONS) or value.startswith("data:image/"))
 
 
-def check_record(record: Any, annotation_path: str, index: int) -> CheckedRecord:
+def check_record(record: Any, annotation_path: str, index: int, family: ModelFamily | None = None) -> CheckedRecord:
     """Structural checks of one annotation record; no file is opened.
 
     Args:
         record: one item of the annotation file (a ``BadRecord`` for a JSONL line that did not parse).
         annotation_path: the file, for messages.
         index: the sample's position in the file, for messages.
+        family: the checkpoint's family, whose special tokens (``family.tokens.structure()``) may not
+            appear in a turn's text; None = ``STRUCTURE_TOKENS`` (those of every Qwen-VL family so far).
 
     Returns:
         the parsed conversation and the sample's image and video references.
@@ -190,9 +193,10 @@ def check_record(record: Any, annotation_path: str, index: int) -> CheckedRecord
         conversation = parse_conversation(record)
     except ConversationError as exc:
         raise bad(str(exc), exc.kind) from None
+    structure = STRUCTURE_TOKENS if family is None else family.tokens.structure()
     texts = ([("system", conversation.system)] if conversation.system is not None else []) + conversation.turns
-    for number, (role, text) in enumerate(texts):
-        found = [token for token in STRUCTURE_TOKENS if token in text]
+    for role, text in texts:
+        found = [token for token in structure if token in text]
         if found:
             raise bad(f"{role} text contains {', '.join(found)}, a token that structures the chat; remove it "
                       f"from the data", "special_token_in_text")
@@ -337,7 +341,7 @@ class SampleValidator:
             BadSampleError: the sample's first problem.
         """
         path, index = ref.annotation_path, ref.index
-        checked = check_record(record, path, index)
+        checked = check_record(record, path, index, self.family)
         cfg = self.vision_config
         image_tokens, video_tokens, timestamps = [], [], []
         for number, source in enumerate(checked.images):

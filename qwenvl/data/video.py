@@ -20,6 +20,12 @@ Backend: ``video_backend()`` picks, once, the first of decord, PyAV and
 torchcodec that imports; ``$QWENVL_VIDEO_BACKEND`` or a ``backend=`` argument
 override it. With the default choice a file the first backend cannot decode
 is retried with the others; an explicit choice is used alone.
+
+The probe demuxes every packet with PyAV (the checks of broken headers need
+them). When PyAV also decodes, ``load_video`` opens the file once: the probe's
+packet list is the reader's index. decord cannot take that list, and its own
+numbers for broken files differ from the probe's, so with decord the file is
+opened twice: by the probe, then by decord.
 """
 
 from __future__ import annotations
@@ -29,14 +35,16 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from qwenvl.data.vision import (
+    IMAGE_MAGIC_LENGTH,
     ImageError,
     VisionConfig,
+    image_format,
     media_file_problem,
     patchify,
     resize_frames,
@@ -160,10 +168,9 @@ MAX_FPS = 1000.0  # high-speed footage is stored at its playback rate, far below
 # this factor, or within DURATION_SLACK seconds, that is normal; beyond it the metadata lies.
 DURATION_FACTOR = 2.0
 DURATION_SLACK = 1.0
-# Magic bytes of still-image formats: such a file listed under "video" is a mistake, not a 1-frame video.
-# (GIF is left out: an animated GIF is a legitimate clip.)
-_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
-                (b"MM\x00*", "TIFF"))
+# A still image (vision.IMAGE_MAGIC) listed under "video" is a mistake, not a 1-frame video; GIF is the
+# exception: an animated GIF is a legitimate clip.
+VIDEO_IMAGE_FORMATS = ("GIF",)
 
 
 def check_video_meta(path: str, meta: VideoMeta, timestamps_duration: float | None = None) -> VideoMeta:
@@ -211,39 +218,54 @@ def check_video_meta(path: str, meta: VideoMeta, timestamps_duration: float | No
     return meta
 
 
-def _image_format(path: str) -> str | None:
-    """The still-image format ``path`` starts with (``"PNG"``, ``"JPEG"`` ...), or None."""
+def _still_image_format(path: str) -> str | None:
+    """The still-image format ``path`` starts with (``"PNG"``, ``"JPEG"`` ...), or None (GIF: a clip)."""
     with open(path, "rb") as handle:
-        head = handle.read(16)
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    return next((name for magic, name in _IMAGE_MAGIC if head.startswith(magic)), None)
+        found = image_format(handle.read(IMAGE_MAGIC_LENGTH))
+    return None if found in VIDEO_IMAGE_FORMATS else found
 
 
-def _probe_pyav(path: str) -> VideoMeta:
-    """Header numbers, checked against the packets the file really holds (no frame is decoded).
+class _PacketScan(NamedTuple):
+    """What one demux pass of PyAV learns: the checked metadata and every frame's packet."""
+
+    meta: VideoMeta
+    stream: Any  # the container's first video stream
+    packets: list[tuple[int | None, bool]]  # (pts, is_keyframe) of every non-empty packet, in file order
+
+
+def _scan_pyav(container: Any, path: str) -> _PacketScan:
+    """Header numbers of an open container, checked against the packets the file really holds.
 
     Every packet is demuxed (read, not decoded): a header that promises more frames than the
     file holds (a truncated download, an edited header), timestamps shared by several frames,
     or timestamps that span a different time than frames / fps are refused here, before any
-    backend would silently repeat or substitute frames.
-    """
-    import av
+    backend would silently repeat or substitute frames. The packets come back, so that a
+    PyAV decode of the same container needs no second pass (``_load_pyav``).
 
-    with av.open(path) as container:
-        fmt = container.format.name
-        if fmt == "image2" or fmt.endswith("_pipe"):
-            raise VideoError(f"{path} is a still image ({fmt}), not a video: list it under 'image' with an <image> "
-                             f"tag")
-        if not container.streams.video:
-            raise VideoError(f"{path} has no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        fps = float(rate) if rate else 0.0
-        header_frames = int(stream.frames or 0)
-        pts = [packet.pts for packet in container.demux(stream) if packet.size]
-        time_base = float(stream.time_base) if stream.time_base else None
-        height, width = stream.codec_context.height, stream.codec_context.width
+    Args:
+        container (Any): ``av.open(path)``, not yet demuxed.
+        path (str): the file, for messages.
+
+    Returns:
+        _PacketScan: the metadata (checked by ``check_video_meta``), the video stream, its packets.
+
+    Raises:
+        VideoError: a still image, no video stream or packets, or broken metadata (see above).
+    """
+    fmt = container.format.name
+    if fmt == "image2" or fmt.endswith("_pipe"):
+        raise VideoError(f"{path} is a still image ({fmt}), not a video: list it under 'image' with an <image> "
+                         f"tag")
+    if not container.streams.video:
+        raise VideoError(f"{path} has no video stream")
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else 0.0
+    header_frames = int(stream.frames or 0)
+    packets = [(packet.pts, packet.is_keyframe) for packet in container.demux(stream) if packet.size]
+    time_base = float(stream.time_base) if stream.time_base else None
+    height, width = stream.codec_context.height, stream.codec_context.width
+    pts = [number for number, _ in packets]
     if not pts:
         raise VideoError(f"{path} has no video packets")
     # No frame count in the header (Matroska, WebM, some AVI): count the packets, as decord does.
@@ -262,7 +284,15 @@ def _probe_pyav(path: str) -> VideoMeta:
                              f"cannot be told apart; re-encode the video")
         if time_base and fps > 0:
             span = (max(pts) - min(pts)) * time_base + 1 / fps
-    return check_video_meta(path, meta, span)
+    return _PacketScan(check_video_meta(path, meta, span), stream, packets)
+
+
+def _probe_pyav(path: str) -> VideoMeta:
+    """Header numbers, checked against the packets the file really holds (``_scan_pyav``); nothing is decoded."""
+    import av
+
+    with av.open(path) as container:
+        return _scan_pyav(container, path).meta
 
 
 def _probe_torchcodec(path: str) -> VideoMeta:
@@ -279,6 +309,22 @@ def _probe_decord(path: str) -> VideoMeta:
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=DECODER_THREADS)
     height, width = reader[0].shape[:2]  # decord has no size accessor: this decodes frame 0
     return VideoMeta(len(reader), float(reader.get_avg_fps()), int(height), int(width))
+
+
+def _check_video_file(path: str) -> None:
+    """Refuse a path that cannot be a video before any decoder opens it.
+
+    Raises:
+        VideoError: missing (or a broken link, a symlink loop), a directory, or a still image.
+    """
+    missing = media_file_problem(path, "video")
+    if missing is not None:
+        raise VideoError(missing)
+    if os.path.isdir(path):
+        raise VideoError(f"video file {path} is a directory")
+    still = _still_image_format(path)
+    if still is not None:
+        raise VideoError(f"{path} is a {still} image, not a video: list it under 'image' with an <image> tag")
 
 
 def probe_video(path: str, data_path: str = "") -> VideoMeta:
@@ -305,14 +351,7 @@ def probe_video(path: str, data_path: str = "") -> VideoMeta:
         VideoMeta(num_frames=12, fps=12.0, height=84, width=112)
     """
     path = resolve_path(path, data_path)
-    missing = media_file_problem(path, "video")
-    if missing is not None:
-        raise VideoError(missing)
-    if os.path.isdir(path):
-        raise VideoError(f"video file {path} is a directory")
-    image_format = _image_format(path)
-    if image_format is not None:
-        raise VideoError(f"{path} is a {image_format} image, not a video: list it under 'image' with an <image> tag")
+    _check_video_file(path)
     probes = {"pyav": _probe_pyav, "torchcodec": _probe_torchcodec, "decord": _probe_decord}
     order = [name for name in ("pyav", "torchcodec", "decord") if _import_error(name) is None]
     if not order:
@@ -476,52 +515,81 @@ def _read_torchcodec(path: str, indices: np.ndarray) -> np.ndarray:
 
 
 def _read_pyav(path: str, indices: np.ndarray) -> np.ndarray:
-    """Frame ``i`` is the frame with the i-th smallest packet pts (decord's numbering).
-
-    Seeks to the keyframe before each wanted frame unless it is cheaper to keep
-    decoding, so a long video costs about one GOP per sampled frame.
-    """
+    """Frame ``i`` is the frame with the i-th smallest packet pts (decord's numbering); see ``_decode_pyav``."""
     import av
 
     with av.open(path) as container:
         stream = container.streams.video[0]
-        stream.thread_count = DECODER_THREADS
         packets = [(packet.pts, packet.is_keyframe) for packet in container.demux(stream) if packet.size]
-        if not packets:
-            raise VideoError(f"{path} has no video packets")
-        if any(pts is None for pts, _ in packets):
-            return _read_pyav_in_order(container, stream, indices)
-        frame_pts = sorted(pts for pts, _ in packets)
-        keyframes = sorted(pts for pts, key in packets if key) or frame_pts[:1]
-        _check_in_range(path, indices, len(frame_pts))
-        slots: dict[int, list[int]] = {}
-        number_of = {}
-        for slot, index in enumerate(indices.tolist()):
-            slots.setdefault(frame_pts[index], []).append(slot)
-            number_of[frame_pts[index]] = index
-        out: list[np.ndarray | None] = [None] * len(indices)
-        decoded, last_pts, frame = None, None, None
-        for target in sorted(slots):
-            keyframe = keyframes[max(bisect.bisect_right(keyframes, target) - 1, 0)]
-            if decoded is None or last_pts is None or target <= last_pts or keyframe > last_pts:
-                container.seek(keyframe, stream=stream, backward=True)
-                decoded = container.decode(stream)
-            # Decode up to the frame whose pts is `target`; any other frame in its place (the stream
-            # ended first, or that frame was lost) would be a silent substitute: refuse it.
-            for frame in decoded:
-                last_pts = frame.pts
-                if frame.pts is not None and frame.pts >= target:
-                    break
-            if frame is None:
-                raise VideoError(f"{path}: no frame decodes")
-            if frame.pts != target:
-                found = "the stream ended before it" if frame.pts is None or frame.pts < target else \
-                    f"the decoder went on to pts {frame.pts}"
-                raise VideoError(f"{path}: frame {number_of[target]} (pts {target}) does not decode ({found})")
-            array = frame.to_ndarray(format="rgb24")
-            for slot in slots[target]:
-                out[slot] = array
+        return _decode_pyav(path, container, stream, packets, indices)
+
+
+def _decode_pyav(path: str, container: Any, stream: Any, packets: list[tuple[int | None, bool]],
+                 indices: np.ndarray) -> np.ndarray:
+    """Decode the frames at ``indices`` from an open container whose packets were already demuxed.
+
+    Frame ``i`` is the frame with the i-th smallest packet pts (decord's numbering). Seeks to
+    the keyframe before each wanted frame unless it is cheaper to keep decoding, so a long
+    video costs about one GOP per sampled frame.
+
+    Args:
+        path (str): the file, for messages.
+        container (Any): the open ``av`` container (any read position: every decode starts with a seek).
+        stream (Any): its video stream, not yet decoded from.
+        packets (list[tuple[int | None, bool]]): (pts, is_keyframe) of the stream's non-empty packets.
+        indices (np.ndarray): (n,) frame numbers.
+
+    Returns:
+        np.ndarray: (n, H, W, 3) uint8 RGB.
+
+    Raises:
+        VideoError: no packets, a frame past the last one, or a frame that does not decode.
+    """
+    stream.thread_count = DECODER_THREADS
+    if not packets:
+        raise VideoError(f"{path} has no video packets")
+    if any(pts is None for pts, _ in packets):
+        return _read_pyav_in_order(container, stream, indices)
+    frame_pts = sorted(pts for pts, _ in packets)
+    keyframes = sorted(pts for pts, key in packets if key) or frame_pts[:1]
+    _check_in_range(path, indices, len(frame_pts))
+    slots: dict[int, list[int]] = {}
+    number_of = {}
+    for slot, index in enumerate(indices.tolist()):
+        slots.setdefault(frame_pts[index], []).append(slot)
+        number_of[frame_pts[index]] = index
+    out: list[np.ndarray | None] = [None] * len(indices)
+    decoded, last_pts, frame = None, None, None
+    for target in sorted(slots):
+        keyframe = keyframes[max(bisect.bisect_right(keyframes, target) - 1, 0)]
+        if decoded is None or last_pts is None or target <= last_pts or keyframe > last_pts:
+            container.seek(keyframe, stream=stream, backward=True)
+            decoded = container.decode(stream)
+        # Decode up to the frame whose pts is `target`; any other frame in its place (the stream
+        # ended first, or that frame was lost) would be a silent substitute: refuse it.
+        for frame in decoded:
+            last_pts = frame.pts
+            if frame.pts is not None and frame.pts >= target:
+                break
+        if frame is None:
+            raise VideoError(f"{path}: no frame decodes")
+        if frame.pts != target:
+            found = "the stream ended before it" if frame.pts is None or frame.pts < target else \
+                f"the decoder went on to pts {frame.pts}"
+            raise VideoError(f"{path}: frame {number_of[target]} (pts {target}) does not decode ({found})")
+        array = _rgb(frame)
+        for slot in slots[target]:
+            out[slot] = array
     return np.stack(out)
+
+
+def _rgb(frame: Any) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded PyAV frame.
+
+    One conversion thread: swscale's default (one per core) spends more time starting threads
+    than converting a frame, and training parallelises over videos anyway (``DECODER_THREADS``).
+    """
+    return frame.to_ndarray(format="rgb24", threads=DECODER_THREADS)
 
 
 def _read_pyav_in_order(container: Any, stream: Any, indices: np.ndarray) -> np.ndarray:
@@ -532,7 +600,7 @@ def _read_pyav_in_order(container: Any, stream: Any, indices: np.ndarray) -> np.
     last = None
     for number, frame in enumerate(container.decode(stream)):
         if number in wanted:
-            frames[number] = frame.to_ndarray(format="rgb24")
+            frames[number] = _rgb(frame)
         last = frame
         if number >= indices.max():
             break
@@ -545,6 +613,15 @@ def _read_pyav_in_order(container: Any, stream: Any, indices: np.ndarray) -> np.
 
 
 _READERS = {"decord": _read_decord, "pyav": _read_pyav, "torchcodec": _read_torchcodec}
+
+
+def _first_decoder(backend: str | None) -> str | None:
+    """The decoder ``read_frames`` would try first, or None when the choice itself fails (reported later,
+    where ``read_frames`` always reported it: after the probe)."""
+    try:
+        return video_backend(backend)
+    except (ValueError, VideoError):
+        return None
 
 
 def read_frames(path: str, indices: Sequence[int] | np.ndarray, backend: str | None = None) -> np.ndarray:
@@ -575,10 +652,7 @@ def read_frames(path: str, indices: Sequence[int] | np.ndarray, backend: str | N
     indices = np.asarray(indices, dtype=np.int64)
     if indices.ndim != 1 or not len(indices) or indices.min() < 0:
         raise ValueError(f"indices should be a non-empty list of frame numbers >= 0 but found {indices.tolist()}")
-    first = video_backend(backend)
-    order = [first] if backend or os.environ.get(BACKEND_ENV) else [first] + [
-        name for name in available_backends() if name != first
-    ]
+    order = _decoder_order(backend)
     errors = []
     for name in order:
         try:
@@ -589,11 +663,70 @@ def read_frames(path: str, indices: Sequence[int] | np.ndarray, backend: str | N
                 logger.warning("cannot decode %s (%s)%s", path, errors[-1],
                                "; trying the next backend" if name != order[-1] else "")
             continue
-        if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
-            errors.append(f"{name}: decoded shape {frames.shape}, expected ({len(indices)}, H, W, 3)")
+        problem = _frames_problem(frames, len(indices))
+        if problem is not None:
+            errors.append(f"{name}: {problem}")
             continue
         return np.ascontiguousarray(frames, dtype=np.uint8)
     raise VideoError(f"cannot decode video {path} ({'; '.join(errors)})")
+
+
+def _decoder_order(backend: str | None) -> list[str]:
+    """The decoders ``read_frames`` tries, in order: a named one (argument or environment) alone, else all."""
+    first = video_backend(backend)
+    if backend or os.environ.get(BACKEND_ENV):
+        return [first]
+    return [first] + [name for name in available_backends() if name != first]
+
+
+def _frames_problem(frames: np.ndarray, count: int) -> str | None:
+    """Why a decoder's output is not ``count`` RGB frames (None when it is)."""
+    if frames.ndim != 4 or frames.shape[0] != count or frames.shape[-1] != 3:
+        return f"decoded shape {frames.shape}, expected ({count}, H, W, 3)"
+    return None
+
+
+def _load_pyav(path: str, plan_for: Callable[[VideoMeta], VideoPlan]) -> tuple[np.ndarray, VideoPlan] | None:
+    """Probe, plan and decode with PyAV in one open and one demux pass of the file.
+
+    The probe's packet scan (``_scan_pyav``, what ``probe_video`` runs) already lists every
+    packet the reader needs (``_decode_pyav``, what ``read_frames`` runs), so neither the file
+    nor its packets are read twice. The metadata, the plan, the frames and every refusal of a
+    broken file are those of ``probe_video`` + ``read_frames``.
+
+    Args:
+        path (str): the video file, already through ``_check_video_file``.
+        plan_for (Callable[[VideoMeta], VideoPlan]): the sampling plan of the metadata.
+
+    Returns:
+        tuple[np.ndarray, VideoPlan] | None: frames (n, H, W, 3) uint8 and the plan; None when
+        PyAV fails on this file in a way ``probe_video`` / ``read_frames`` report with the other
+        decoders' reasons (or retry with them): the caller then takes that path.
+
+    Raises:
+        VideoError: broken metadata, as ``probe_video`` words it, or a frame size ``plan_for`` refuses.
+    """
+    import av
+
+    try:
+        container = av.open(path)
+    except Exception:  # noqa: BLE001 - probe_video words it, with the other decoders' reasons
+        return None
+    with container:
+        try:
+            scan = _scan_pyav(container, path)
+        except VideoError:
+            raise
+        except Exception:  # noqa: BLE001 - as above
+            return None
+        plan = plan_for(scan.meta)
+        try:
+            frames = _decode_pyav(path, container, scan.stream, scan.packets, plan.indices)
+        except Exception:  # noqa: BLE001 - read_frames words it, or decodes with the next backend
+            return None
+    if _frames_problem(frames, len(plan.indices)) is not None:
+        return None
+    return np.ascontiguousarray(frames, dtype=np.uint8), plan
 
 
 def load_video_plan(
@@ -626,8 +759,19 @@ def load_video_plan(
     if not isinstance(source, str) or not source:
         raise VideoError(f"video reference must be a non-empty path string, got {source!r}")
     path = resolve_path(source, data_path)
-    plan = plan_video(probe_video(path), data_args, vision_config, family, settings)
-    frames = read_frames(path, plan.indices, backend)  # (n, H, W, 3) uint8
+
+    def plan_for(meta: VideoMeta) -> VideoPlan:
+        return plan_video(meta, data_args, vision_config, family, settings)
+
+    loaded = None
+    if _first_decoder(backend) == "pyav":  # PyAV probes too: one open and one demux pass (_load_pyav)
+        _check_video_file(path)
+        loaded = _load_pyav(path, plan_for)
+    if loaded is None:  # probe with PyAV (or what imports), decode with the first decoder that can
+        plan = plan_for(probe_video(path))
+        frames = read_frames(path, plan.indices, backend)  # (n, H, W, 3) uint8
+    else:
+        frames, plan = loaded
     frames = resize_frames(frames, plan.height, plan.width)  # (n, height, width, 3)
     pixel_values, grid = patchify(frames, vision_config)  # (t * h * w, 1176)
     if grid != plan.grid_thw:

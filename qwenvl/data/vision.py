@@ -197,7 +197,37 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+# Magic bytes of the still-image formats the data meets, with PIL's name of each format: the one table
+# that recognises inline base64 images, diagnoses files PIL cannot identify, refuses images listed as
+# videos (``video.probe_video``) and names the MIME type of inline images (``sources.data_uri``).
+# WEBP is a RIFF container whose bytes 8-12 say "WEBP" (see ``image_format``).
+IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+# Bytes ``image_format`` needs to tell every format of IMAGE_MAGIC (WEBP's tag ends at byte 12).
+IMAGE_MAGIC_LENGTH = 12
+
+
+def image_format(head: bytes) -> str | None:
+    """The image format whose magic bytes ``head`` starts with (PIL's format name), or None.
+
+    Args:
+        head: the first bytes of a file or of decoded base64 (``IMAGE_MAGIC_LENGTH`` are enough).
+
+    Returns:
+        ``"PNG"``, ``"JPEG"``, ``"GIF"``, ``"BMP"``, ``"TIFF"`` or ``"WEBP"``; None for anything else
+        (a RIFF that is not WEBP, e.g. an AVI video, is None).
+
+    Example:
+        >>> image_format(b"\\x89PNG\\r\\n\\x1a\\n"), image_format(b"RIFF\\x10\\x00\\x00\\x00WEBPVP8 ")
+        ('PNG', 'WEBP')
+        >>> image_format(b"RIFF\\x10\\x00\\x00\\x00AVI LIST") is None
+        True
+    """
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in IMAGE_MAGIC if head.startswith(magic)), None)
 
 
 def _decode_base64(text: str) -> bytes | None:
@@ -219,7 +249,7 @@ def _decode_base64(text: str) -> bytes | None:
         raw = base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError):
         return None
-    return raw if raw.startswith(_IMAGE_MAGIC) else None
+    return raw if image_format(raw) is not None else None
 
 
 def resolve_path(path: str, data_path: str) -> str:
@@ -280,11 +310,6 @@ def media_file_problem(path: str, what: str = "image") -> str | None:
     return None
 
 
-# Formats whose magic bytes are unambiguous: when PIL cannot identify such a file, ask that plugin why.
-_MAGIC_FORMATS = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
-                  (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
-
-
 def png_checksum_error(data: bytes) -> str | None:
     """The first chunk of a PNG whose stored CRC differs from the computed one, described; else None.
 
@@ -311,22 +336,22 @@ def png_checksum_error(data: bytes) -> str | None:
 
 
 def _diagnose_unidentified(raw: bytes | None, where: str) -> str:
-    """The real cause behind PIL's "cannot identify image file" for a file whose magic names its format."""
+    """The real cause behind PIL's "cannot identify image file" for a file whose magic (``IMAGE_MAGIC``)
+    names its format: that format's PIL plugin is asked why.
+    """
     unknown = "not an image format PIL can identify"
     try:
         if raw is None:
             with open(where, "rb") as handle:
-                data = handle.read(16)
-                if not any(data.startswith(magic) for magic, _ in _MAGIC_FORMATS) and data[8:12] != b"WEBP":
+                data = handle.read(IMAGE_MAGIC_LENGTH)
+                if image_format(data) is None:
                     return unknown
                 data += handle.read()
         else:
             data = raw
     except OSError:
         return unknown
-    fmt = next((name for magic, name in _MAGIC_FORMATS if data.startswith(magic)), None)
-    if fmt is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        fmt = "WEBP"
+    fmt = image_format(data)
     if fmt is None:
         return unknown
     if fmt == "PNG":

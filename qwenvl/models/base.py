@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -207,8 +207,10 @@ class ModelFamily(ABC):
             checkpoint has no processor config.
         lora_targets (tuple[str, ...]): default ``--lora_target_modules`` (LLM linear layers).
         projector_modules (tuple[str, ...]): children of ``visual`` that are the projector.
-        uses_second_per_grid_ts (bool): the model takes ``second_per_grid_ts`` for videos.
+        uses_second_per_grid_ts (bool): the model takes ``second_per_grid_ts`` for videos (and its
+            position ids scale video time by it and ``tokens_per_second``).
         tokens (SpecialTokens): token strings.
+        rope_index (ClassVar): the position-id rule (see ``position_ids``), set by each subclass.
     """
 
     model_type: str
@@ -222,6 +224,9 @@ class ModelFamily(ABC):
     uses_second_per_grid_ts: bool = False
     tokens: SpecialTokens = field(default_factory=SpecialTokens)
     vision_module: str = "visual"
+    # The position-id rule, a ``qwenvl.data.rope2d.get_rope_index_*`` function (set in the subclass:
+    # ``rope_index = staticmethod(get_rope_index_2)``); ``position_ids`` calls it.
+    rope_index: ClassVar[Callable[..., tuple[torch.Tensor, torch.Tensor]]]
 
     # ------------------------------------------------------------------ model
     def model_class(self) -> type:
@@ -320,7 +325,6 @@ class ModelFamily(ABC):
         return None
 
     # -------------------------------------------------------------- positions
-    @abstractmethod
     def position_ids(
         self,
         input_ids: torch.Tensor,
@@ -332,7 +336,32 @@ class ModelFamily(ABC):
         attention_mask: torch.Tensor | None = None,
         tokens_per_second: float = 2,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(3, batch, seq) mrope position ids and (batch, 1) deltas, per the model's rule."""
+        """The family's ``rope_index`` rule with the tokenizer's ids.
+
+        ``second_per_grid_ts`` and ``tokens_per_second`` reach the rule only when the family
+        ``uses_second_per_grid_ts`` (Qwen2.5-VL's absolute video time); the others ignore them.
+
+        Args:
+            input_ids (torch.Tensor): (batch, seq) token ids.
+            token_ids (TokenIds): the tokenizer's special-token ids.
+            spatial_merge_size (int): patches merged per side by the vision merger.
+            image_grid_thw (torch.Tensor | None): (num_images, 3) patch grids, in order.
+            video_grid_thw (torch.Tensor | None): (num_videos, 3) patch grids, in order.
+            second_per_grid_ts (torch.Tensor | Sequence[float] | None): (num_videos,) seconds per
+                temporal grid step.
+            attention_mask (torch.Tensor | None): (batch, seq), 0 for padding.
+            tokens_per_second (float): the vision config's ``tokens_per_second``.
+
+        Returns:
+            tuple[torch.Tensor, torch.Tensor]: (3, batch, seq) mrope position ids and (batch, 1) deltas.
+        """
+        time_scale = {"tokens_per_second": tokens_per_second} if self.uses_second_per_grid_ts else {}
+        return self.rope_index(
+            spatial_merge_size, input_ids, image_grid_thw, video_grid_thw,
+            second_per_grid_ts if self.uses_second_per_grid_ts else None, attention_mask,
+            image_token_id=token_ids.image_pad, video_token_id=token_ids.video_pad,
+            vision_start_token_id=token_ids.vision_start, **time_scale,
+        )
 
     def mm_token_type_ids(self, input_ids: torch.Tensor, token_ids: TokenIds) -> torch.Tensor:
         """0 text, 1 image pad, 2 video pad: what transformers' processors return as ``mm_token_type_ids``.

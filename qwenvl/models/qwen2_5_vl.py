@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from qwenvl.data.rope2d import get_rope_index_25
-from qwenvl.models.base import TokenIds
 from qwenvl.models.qwen2_vl import (
     DEFAULT_SYSTEM_PROMPT,
     QWEN2_CHAT_TEMPLATE,
@@ -24,23 +20,7 @@ from qwenvl.models.qwen2_vl import (
 class Qwen25VLFamily(Qwen2VLFamily):
     """Qwen2.5-VL: as Qwen2-VL, but ``t_index = floor(g * second_per_grid_t * tokens_per_second)``."""
 
-    def position_ids(
-        self,
-        input_ids: torch.Tensor,
-        token_ids: TokenIds,
-        spatial_merge_size: int,
-        image_grid_thw: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
-        second_per_grid_ts: torch.Tensor | Sequence[float] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        tokens_per_second: float = 2,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rope2d.get_rope_index_25`` with the tokenizer's ids and the config's ``tokens_per_second``."""
-        return get_rope_index_25(
-            spatial_merge_size, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
-            image_token_id=token_ids.image_pad, video_token_id=token_ids.video_pad,
-            vision_start_token_id=token_ids.vision_start, tokens_per_second=tokens_per_second,
-        )
+    rope_index = staticmethod(get_rope_index_25)
 
     def tiny_config_kwargs(self, token_ids: dict[str, int]) -> dict[str, Any]:
         """Qwen2_5_VLConfig kwargs: vision depth 2, width 32, windows of 4x4 merged patches, block 1 full.

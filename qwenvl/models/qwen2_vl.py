@@ -6,10 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from qwenvl.data.rope2d import get_rope_index_2
-from qwenvl.models.base import GridThw, ModelFamily, TokenIds, VisionSettings
+from qwenvl.models.base import GridThw, ModelFamily, VisionSettings
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -102,6 +100,8 @@ def tiny_top_config(text_config: dict[str, Any], vision_config: dict[str, Any], 
 class Qwen2VLFamily(ModelFamily):
     """Qwen2-VL: a video is one block of t*h*w/merge**2 pads; time is the grid index."""
 
+    rope_index = staticmethod(get_rope_index_2)
+
     def video_text(self, grid_thw: GridThw, merge_size: int, timestamps: Sequence[float] | None = None) -> str:
         """``<|vision_start|>`` + ``<|video_pad|>`` x (t*h*w / merge**2) + ``<|vision_end|>``; no timestamps.
 
@@ -116,24 +116,6 @@ class Qwen2VLFamily(ModelFamily):
         """One block of t*h*w / merge**2 pads."""
         t, h, w = (int(x) for x in grid_thw)
         return [t * h * w // merge_size**2]
-
-    def position_ids(
-        self,
-        input_ids: torch.Tensor,
-        token_ids: TokenIds,
-        spatial_merge_size: int,
-        image_grid_thw: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
-        second_per_grid_ts: torch.Tensor | Sequence[float] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        tokens_per_second: float = 2,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rope2d.get_rope_index_2`` with the tokenizer's ids (``second_per_grid_ts`` is ignored)."""
-        return get_rope_index_2(
-            spatial_merge_size, input_ids, image_grid_thw, video_grid_thw, None, attention_mask,
-            image_token_id=token_ids.image_pad, video_token_id=token_ids.video_pad,
-            vision_start_token_id=token_ids.vision_start,
-        )
 
     def tiny_config_kwargs(self, token_ids: dict[str, int]) -> dict[str, Any]:
         """Qwen2VLConfig kwargs: text as ``tiny_text_config``; vision depth 2, embed 32, heads 2.

@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from qwenvl.data.rope2d import get_rope_index_3
-from qwenvl.models.base import GridThw, ModelFamily, TokenIds, VisionSettings
+from qwenvl.models.base import GridThw, ModelFamily, VisionSettings
 from qwenvl.models.qwen2_vl import tiny_top_config
 
 # The released Qwen3-VL preprocessor_config.json / video_preprocessor_config.json values.
@@ -212,6 +211,7 @@ class Qwen3VLFamily(ModelFamily):
     """Qwen3-VL dense or MoE (``moe``): timestamped per-patch video blocks, deepstack projector."""
 
     moe: bool = False
+    rope_index = staticmethod(get_rope_index_3)  # whole-video grids; time is in the timestamp text
 
     def video_text(self, grid_thw: GridThw, merge_size: int, timestamps: Sequence[float] | None = None) -> str:
         """Per temporal patch: ``<{t:.1f} seconds>`` + ``<|vision_start|>`` + pads x (h*w/merge**2) + ``<|vision_end|>``.
@@ -266,24 +266,6 @@ class Qwen3VLFamily(ModelFamily):
         """t blocks of h*w / merge**2 pads."""
         t, h, w = (int(x) for x in grid_thw)
         return [h * w // merge_size**2] * t
-
-    def position_ids(
-        self,
-        input_ids: torch.Tensor,
-        token_ids: TokenIds,
-        spatial_merge_size: int,
-        image_grid_thw: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
-        second_per_grid_ts: torch.Tensor | Sequence[float] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        tokens_per_second: float = 2,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rope2d.get_rope_index_3`` (whole-video grids; time is in the timestamp text)."""
-        return get_rope_index_3(
-            spatial_merge_size, input_ids, image_grid_thw, video_grid_thw, None, attention_mask,
-            image_token_id=token_ids.image_pad, video_token_id=token_ids.video_pad,
-            vision_start_token_id=token_ids.vision_start,
-        )
 
     def configure_router_aux_loss(self, config: Any, coef: float | None) -> bool:
         """MoE: make the model return router logits and add ``coef`` x load-balancing loss to its loss.

@@ -210,7 +210,7 @@ class StartupSummaryCallback(TrainerCallback):
             f"data: {datasets}; batches {mode}"
             + (f"; eval {len(self.eval_dataset):,} samples" if self.eval_dataset is not None else ""),
             f"batch: {per_device} per device x {world} process(es) x {accumulation} accumulation = {effective} "
-            f"samples per optimizer step",
+            f"{'packed rows' if self.data_args.data_packing else 'samples'} per optimizer step",
             f"steps: {state.max_steps:,} optimizer steps = {state.max_steps * effective / max(len(self.train_dataset), 1):.2f} "
             f"epoch(s) of {len(self.train_dataset):,} items"
             + (f" (--max_steps {args.max_steps})" if args.max_steps > 0 else f" (--num_train_epochs {args.num_train_epochs:g})"),

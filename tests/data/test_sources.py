@@ -12,7 +12,7 @@ import pytest
 
 from qwenvl.data.annotations import AnnotationSet, open_store, store_path
 from qwenvl.data.data_qwen import BadRecord, load_annotations, sample_indices
-from qwenvl.data.sources import SourceError, resolve_source
+from qwenvl.data.sources import SourceError, resolve_source, resolve_sources
 from qwenvl.data.vision import open_image
 from tests.conftest import PYTHON, REPO_ROOT, python_env
 
@@ -177,6 +177,87 @@ def test_image_bytes_become_an_inline_image(tmp_path):
     assert np.array_equal(decoded, np.asarray(open_image(str(DEMO / "images" / "three_shapes_p.png"))))
 
 
+# ---------------------------------------------------------------- registry file
+QA_COLUMNS = {"image": "img", "question": "q", "answer": "a", "system": "sys"}
+QA_PROMPT = "Answer briefly: one sentence."
+
+
+@pytest.fixture
+def data_dict():
+    """``qwenvl.data.data_dict``, restored after the test (a registry file adds to it)."""
+    import qwenvl.data as registry
+
+    saved = dict(registry.data_dict)
+    yield registry.data_dict
+    registry.data_dict.clear()
+    registry.data_dict.update(saved)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_registry_file_gives_the_datasets_of_the_python_dict(tmp_path, data_dict, suffix):
+    """Entries with columns, split and system_prompt (save_to_disk folder, parquet folder), paths relative to the file."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qwenvl.data import load_registry_file
+
+    rows = single_turn_rows()
+    hf = tmp_path / "hf"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:30]),
+                          "test": datasets.Dataset.from_list(rows[30:])}).save_to_disk(str(hf / "qa_saved"))
+    (hf / "qa_parquet" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows[:30]), hf / "qa_parquet" / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[30:]), hf / "qa_parquet" / "data" / "test-00000-of-00001.parquet")
+    demo = os.path.relpath(DEMO, tmp_path)
+    if suffix == ".yaml":  # written as a user would, flow-style mapping and all
+        text = "".join(textwrap.dedent(f"""
+            {name}:
+              annotation_path: hf/{name}
+              data_path: {demo}
+              split: test
+              system_prompt: "{QA_PROMPT}"
+              columns: {{image: img, question: q, answer: a, system: sys}}
+            """) for name in ("qa_saved", "qa_parquet"))
+    else:
+        text = json.dumps({name: {"annotation_path": f"hf/{name}", "data_path": demo, "split": "test",
+                                  "system_prompt": QA_PROMPT, "columns": QA_COLUMNS}
+                           for name in ("qa_saved", "qa_parquet")}, indent=2)
+    (tmp_path / f"registry{suffix}").write_text(text)
+    assert load_registry_file(str(tmp_path / f"registry{suffix}")) == ["qa_saved", "qa_parquet"]
+    python = {name: {"annotation_path": str(hf / name), "data_path": str(DEMO), "split": "test",
+                     "system_prompt": QA_PROMPT, "columns": dict(QA_COLUMNS)} for name in ("qa_saved", "qa_parquet")}
+    expected = []  # rows 30..39 by hand: their own system turn (rows 30, 35), else the prompt
+    for row in rows[30:]:
+        turns = [{"from": "system", "value": row["sys"] or QA_PROMPT},
+                 {"from": "human", "value": ("<image>\n" if row["img"] else "") + row["q"]},
+                 {"from": "gpt", "value": row["a"]}]
+        expected.append({"image": row["img"], "conversations": turns} if row["img"] else {"conversations": turns})
+    for name in ("qa_saved", "qa_parquet"):
+        assert resolve_sources(f"{name}%50") == resolve_sources(f"{name}%50", python)
+        from_file = AnnotationSet(f"{name}%50", seed=4)  # the default registry: data_dict, file entries added
+        from_dict = AnnotationSet(f"{name}%50", seed=4, registry=python)
+        kept = sample_indices(10, 0.5, 4, name)
+        assert records_of(from_file) == records_of(from_dict) == [expected[i] for i in kept], name
+        assert [from_file.refs[i] for i in range(5)] == [from_dict.refs[i] for i in range(5)], name
+        assert from_file.refs[0].data_path == str(DEMO)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("split: 2024", "entry 'ds': split should be a str but found int 2024 (quote it)"),
+    ("system_prompt: yes", "entry 'ds': system_prompt should be a str but found bool True (quote it)"),
+    ("columns: [img, q, a]", "entry 'ds': columns should be a dict but found list ['img', 'q', 'a']"),
+])
+def test_a_registry_file_entry_of_the_wrong_type_is_named(tmp_path, data_dict, entry, message):
+    from qwenvl.data import load_registry_file
+
+    (tmp_path / "registry.yaml").write_text(f"ds:\n  annotation_path: data.parquet\n  {entry}\n")
+    with pytest.raises(ValueError) as info:
+        load_registry_file(str(tmp_path / "registry.yaml"))
+    assert str(info.value) == f"{tmp_path / 'registry.yaml'}: {message}"
+    assert "ds" not in data_dict
+
+
 # ---------------------------------------------------------------- bad sources
 def test_mapping_naming_a_missing_column_lists_the_columns(sources):
     entry = dict(sources["single_turn"], columns={"image": "picture", "question": "q", "answer": "a"})
@@ -297,6 +378,11 @@ def test_hub_dataset_from_the_local_cache_offline(tmp_path):
             AnnotationSet("someone/other_set", seed=0)
         except SourceError as exc:
             print(exc)
+        from qwenvl.data import load_registry_file  # a hub name in a registry file stays a hub name
+        with open("{tmp_path}/registry.yaml", "w") as handle:
+            handle.write("tiny:\\n  annotation_path: someone/tiny_set\\n  system_prompt: Be brief.\\n")
+        load_registry_file("{tmp_path}/registry.yaml")
+        print(json.dumps(AnnotationSet("tiny", seed=0)[1]))
     """)
     env = dict(python_env(), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1",
                QWENVL_ANNOTATION_CACHE=str(tmp_path / "cache"))
@@ -309,6 +395,8 @@ def test_hub_dataset_from_the_local_cache_offline(tmp_path):
     assert json.loads(lines[0]) == expected
     assert "unknown dataset 'someone/other_set' in --dataset_use" in lines[1]
     assert f"or a Hugging Face dataset in the local cache ({tmp_path / 'hf' / 'datasets'})" in lines[1]
+    assert json.loads(lines[2]) == {"conversations": [{"from": "system", "value": "Be brief."},
+                                                      {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a"}]}
 
 
 # ---------------------------------------------------------------- cache

@@ -255,6 +255,74 @@ def test_load_video_grid_equals_probe_grid(clips, backend):
             assert type(seconds) is float and all(type(x) is int for x in grid)
 
 
+class _Counted:
+    """Calls the real function and counts the calls (how often a decoder opens a file)."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+def _all_clips(clips):
+    return [(f"videos/{clip.name}", str(DEMO)) for clip in DEMO_CLIPS] + [(c[0], "") for c in clips.values()]
+
+
+def test_pyav_opens_each_video_once_and_gives_what_decord_gives(clips, monkeypatch):
+    """Review finding: the probe demuxed every packet, then the reader opened and demuxed the file again.
+
+    With PyAV decoding, the probe's packet list is the reader's index: one ``av.open`` per video.
+    The pixels, grid and seconds equal those of the two-pass path and of decord.
+    """
+    import av
+
+    args = DataArguments(video_min_frame_pixels=4 * 28 * 28, video_max_frame_pixels=32 * 28 * 28)
+    for source, data_path in _all_clips(clips):
+        counted = _Counted(av.open)
+        monkeypatch.setattr(av, "open", counted)
+        pixel_values, plan = video.load_video_plan(source, data_path, args, CFG, backend="pyav")
+        monkeypatch.undo()
+        assert counted.calls == 1, source
+        # the two passes the training path used to make, spelled out
+        meta = probe_video(source, data_path)
+        two_pass = video.plan_video(meta, args, CFG)
+        frames = read_frames(video.resolve_path(source, data_path), two_pass.indices, "pyav")
+        expected, grid = patchify(resize_frames(frames, two_pass.height, two_pass.width), CFG)
+        np.testing.assert_array_equal(pixel_values, expected)
+        assert (plan.grid_thw, plan.second_per_grid_t) == (grid, two_pass.second_per_grid_t)
+        assert plan.indices.tolist() == two_pass.indices.tolist()
+        if HAS_DECORD:
+            decord_values, decord_plan = video.load_video_plan(source, data_path, args, CFG, backend="decord")
+            np.testing.assert_array_equal(pixel_values, decord_values)
+            assert decord_plan.grid_thw == plan.grid_thw
+
+
+@pytest.mark.skipif(not HAS_DECORD, reason="decord is not installed")
+def test_decord_path_probes_with_pyav_then_opens_with_decord(monkeypatch):
+    """decord cannot take the probe's packet list: the file is opened once by each (see the module docstring)."""
+    import av
+    import decord
+
+    monkeypatch.delenv(video.BACKEND_ENV, raising=False)
+    opened, readers = _Counted(av.open), _Counted(decord.VideoReader)
+    monkeypatch.setattr(av, "open", opened)
+    monkeypatch.setattr(decord, "VideoReader", readers)
+    video.load_video_plan(f"videos/{DEMO_CLIPS[0].name}", str(DEMO), DataArguments(), CFG)
+    assert (video.video_backend(), opened.calls, readers.calls) == ("decord", 1, 1)
+
+
+def test_one_pass_reports_unreadable_files_as_the_probe_does(tmp_path):
+    (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(VideoError) as probed:
+        probe_video("noise.mp4", str(tmp_path))
+    assert str(probed.value).startswith(f"cannot read video {tmp_path / 'noise.mp4'} (pyav: ")
+    with pytest.raises(VideoError) as loaded:
+        load_video("noise.mp4", str(tmp_path), DataArguments(), CFG, backend="pyav")
+    assert str(loaded.value) == str(probed.value)
+
+
 def test_generated_clips_metadata(clips):
     for name, (path, frames, fps) in clips.items():
         meta = probe_video(path)

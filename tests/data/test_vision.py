@@ -12,8 +12,10 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from qwenvl.data.vision import (
+    IMAGE_MAGIC_LENGTH,
     ImageError,
     VisionConfig,
+    image_format,
     image_grid_thw,
     image_size,
     open_image,
@@ -77,6 +79,31 @@ def test_inline_base64_and_data_uri_decode_to_the_same_pixels(tmp_path):
     from_file = np.asarray(open_image("x.png", str(tmp_path)))
     np.testing.assert_array_equal(np.asarray(open_image(f"data:image/png;base64,{encoded}")), from_file)
     np.testing.assert_array_equal(np.asarray(open_image(encoded)), from_file)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])
+def test_magic_table_names_the_format_pil_writes(fmt):
+    """One magic table for the package: it must name every format the way PIL, which wrote the bytes, does."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buffer, format=fmt)
+    raw = buffer.getvalue()
+    assert image_format(raw[:IMAGE_MAGIC_LENGTH]) == Image.open(io.BytesIO(raw)).format == fmt
+    encoded = base64.b64encode(raw).decode()  # a bare base64 string of any of them is an inline image
+    assert open_image(encoded).size == (8, 8)
+
+
+def test_magic_table_leaves_videos_and_text_alone(tmp_path):
+    import av
+
+    with av.open(str(tmp_path / "clip.avi"), "w") as container:  # a RIFF file that is not WEBP
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for _ in range(2):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), "rgb24")))
+        container.mux(stream.encode())
+    head = (tmp_path / "clip.avi").read_bytes()[:IMAGE_MAGIC_LENGTH]
+    assert head.startswith(b"RIFF") and image_format(head) is None
+    assert image_format(b"these are not pixels") is None and image_format(b"") is None
 
 
 def test_missing_file_names_the_path(tmp_path):

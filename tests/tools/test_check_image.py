@@ -163,8 +163,9 @@ def test_unknown_name_is_a_usage_error(capsys):
         main(["no_such_dataset"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "input 'no_such_dataset' is neither a registered dataset nor an annotation file" in err
-    assert ", ".join(sorted(registry.data_dict)) in err
+    # resolved as training resolves --dataset_use (qwenvl/data/sources.py), with its message
+    assert "unknown dataset 'no_such_dataset'" in err
+    assert f"registered datasets: {', '.join(sorted(registry.data_dict))}; nor is it an existing file or folder" in err
 
 
 # ------------------------------------------------------------------ issue 9
@@ -218,8 +219,9 @@ def test_input_named_twice_is_a_usage_error(inputs, capsys):
     with pytest.raises(SystemExit) as info:
         main(inputs)
     assert info.value.code == 2
-    assert (f"input 'demo_video' is given twice ({inputs[0]!r} and {inputs[1]!r}): its samples would be counted "
-            "twice; name it once") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dataset 'demo_video' is named twice in " in err and f"({inputs[0]!r} and {inputs[1]!r})" in err
+    assert "name it once (use demo_video%N to keep N percent)" in err
 
 
 def test_issue9_classes_are_reported_with_their_real_cause(catalog, tmp_path):

@@ -382,7 +382,7 @@ def test_inputs_with_different_media_folders_cannot_share_one_file(tiny_model_di
     with pytest.raises(SystemExit, match="one data_path, but the inputs' media live under different data_paths"):
         main(["demo_single_image", str(annotation), "--data_path", str(tmp_path), "--output",
               str(tmp_path / "x.json"), "--model_name_or_path", str(tiny_model_dir)])
-    with pytest.raises(SystemExit, match="neither a registered dataset nor an annotation file.*demo_text_only"):
+    with pytest.raises(SystemExit, match="error: unknown dataset 'no_such_dataset'.*demo_text_only"):
         main(["no_such_dataset", "--model_name_or_path", str(tiny_model_dir)])
 
 
@@ -562,8 +562,14 @@ def test_output_dir_and_registry_file(tiny_model_dir, tmp_path, capsys):
 
 
 def test_input_named_twice_is_refused(tiny_model_dir, tmp_path):
-    with pytest.raises(SystemExit, match=re.escape(
-            "error: input 'demo_text_only' is given twice ('demo_text_only%50' and 'demo_text_only'): its samples "
-            "would be counted twice; name it once")):
+    with pytest.raises(SystemExit) as info:
         main(["demo_text_only%50", "demo_text_only", "--model_name_or_path", str(tiny_model_dir), "--output",
+              str(tmp_path / "x.json")])
+    message = str(info.value)
+    assert message.startswith("error: dataset 'demo_text_only' is named twice in ")
+    assert "('demo_text_only%50' and 'demo_text_only')" in message and "name it once" in message
+    # the same file under two names (a registry name and its path) is read twice too: refused by location
+    path = registry.data_dict["demo_text_only"]["annotation_path"]
+    with pytest.raises(SystemExit, match=re.escape(f"reads {path} twice ('demo_text_only' and '{path}')")):
+        main(["demo_text_only", path, "--model_name_or_path", str(tiny_model_dir), "--output",
               str(tmp_path / "x.json")])

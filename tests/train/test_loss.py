@@ -12,7 +12,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
+from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from qwenvl.data.data_qwen import (
@@ -134,6 +137,52 @@ def test_bf16_weights_compute_like_lm_head():
     ref_hidden, ref_weight = torch.autograd.grad(expected, (hidden, weight))
     torch.testing.assert_close(grad_hidden, ref_hidden, atol=1e-3, rtol=1e-2)
     torch.testing.assert_close(grad_weight, ref_weight, atol=1e-3, rtol=1e-2)
+
+
+class _Outputs(TorchDispatchMode):
+    """Records (dtype, numel) of every tensor an op returns while active (no mock: the ops run as usual)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[torch.dtype, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.seen += [(t.dtype, t.numel()) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_bf16_weight_gradient_is_summed_in_bf16_close_to_a_float32_reference():
+    """bf16 weights: the weight's gradient is summed over the slices in bf16, no float32 (V, H) buffer.
+
+    Oracle: F.cross_entropy on the full float32 logits of the same (bf16-valued) inputs. Tolerance:
+    a bf16 gradient cannot be closer than the reference rounded to bf16 (8 significant bits,
+    ~1.6e-3 relative in norm here); bf16 logits (as lm_head computes them) and one bf16 rounding of
+    the running sum per slice add about as much again; 1e-2 leaves room for that and fails on a real
+    loss of precision (e.g. a bf16 product rounded before a bf16 add, or slices dropped).
+    """
+    torch.manual_seed(0)
+    seq, vocab, hidden_size, chunk = 1025, 4096, 128, 64  # 1024 labelled positions: 16 slices
+    hidden = torch.randn(1, seq, hidden_size).bfloat16().requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_size) * 3 / hidden_size**0.5).bfloat16().requires_grad_(True)  # logits ~3
+    labels = torch.randint(0, vocab, (1, seq))
+    weight32 = weight.detach().float().requires_grad_(True)
+    reference = F.cross_entropy(hidden.detach().float()[0, :-1] @ weight32.T, labels[0, 1:])
+    (ref_grad,) = torch.autograd.grad(reference, weight32)
+    floor = float((ref_grad.bfloat16().float() - ref_grad).norm() / ref_grad.norm())
+
+    errors, float32_buffers = {}, {}
+    for name, accumulate in (("bf16", None), ("float32", torch.float32)):
+        loss = linear_cross_entropy(hidden, weight, labels, chunk_size=chunk, grad_weight_dtype=accumulate)
+        torch.testing.assert_close(loss, reference, atol=1e-3, rtol=0)
+        with _Outputs() as outputs:
+            (grad_weight,) = torch.autograd.grad(loss, weight)
+        assert grad_weight.dtype == torch.bfloat16
+        errors[name] = float((grad_weight.float() - ref_grad).norm() / ref_grad.norm())
+        float32_buffers[name] = [n for dtype, n in outputs.seen if dtype == torch.float32 and n >= weight.numel()]
+    assert float32_buffers["bf16"] == []  # the largest float32 buffer is a (64, 4096) slice of logits
+    assert float32_buffers["float32"] != []  # what the default saves (the recorder sees it when it is there)
+    assert floor < errors["bf16"] < 1e-2 and floor < errors["float32"] < 1e-2, (floor, errors)
 
 
 def test_shift_and_select_keeps_positions_that_predict_a_label():
