@@ -167,7 +167,10 @@ class ToolInput:
             OSError: the files cannot be read.
         """
         self.store = open_store(self.source)
-        self.indices = np.asarray(sample_indices(len(self.store), self.sampling_rate, seed, self.name), np.int64)
+        if self.sampling_rate >= 1.0:  # every row, without a Python list of millions of ints
+            self.indices = np.arange(len(self.store), dtype=np.int64)
+        else:
+            self.indices = np.asarray(sample_indices(len(self.store), self.sampling_rate, seed, self.name), np.int64)
 
     def output_folder(self, output_dir: str | None) -> Path:
         """``output_dir``, else the folder holding the annotation file or dataset (the working folder for a
@@ -209,7 +212,7 @@ def resolve_inputs(specs: Sequence[str], data_path: str) -> list[ToolInput]:
             ``%N``, the same dataset or file named twice, a folder that is not a dataset, a missing split.
     """
     labels = [spec.strip() for spec in specs if spec.strip()]
-    sources = resolve_sources(labels)
+    sources = resolve_sources(labels, flag="the inputs")
     inputs = []
     for label, source in zip(labels, sources):
         if source.name not in data_dict:  # given by path: its media are relative to --data_path, as before

@@ -64,7 +64,7 @@ if str(_REPO_ROOT) not in sys.path:  # `python tools/pack_data.py` from a checko
 
 from qwenvl.data.packing import (  # noqa: E402,F401 - first_fit_decreasing: also imported from here (bench)
     NOT_CACHED,
-    _StoreJobs,
+    StoreJobs,
     count_jobs,
     first_fit_decreasing,
     is_packed_file,
@@ -255,7 +255,7 @@ def counts_for(
     cached = None if recount else read_cache(cache_path, key, len(store))
     counts: list[TokenCount | None] = cached if cached is not None else [None] * len(store)
     missing = np.asarray([i for i in source.indices.tolist() if counts[i] is None], dtype=np.int64)
-    for row, count in count_jobs(counter, len(missing), _StoreJobs(store, missing), workers,
+    for row, count in count_jobs(counter, len(missing), StoreJobs(store, missing), workers,
                                  f"counting {source.label}"):
         counts[row] = count
     if len(missing) or cached is None:

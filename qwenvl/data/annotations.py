@@ -4,7 +4,8 @@ Every rank and DataLoader worker of a node maps the same file, so the records li
 the OS page cache instead of once per process as Python objects (about 2.7 KB per sample).
 The file is built by one process per node (a file lock; the others wait) and renamed into
 place when complete; it is rebuilt when the source's files, the column mapping or this code
-change.
+change, and the build then removes the older stores of the same source (``remove_stale_stores``)
+unless a running process still reads them.
 
 Layout of ``{cache_dir}/{name}-{key}.arrow`` (Arrow IPC stream, readable with
 ``datasets.Dataset.from_file``), one row per sample in source order:
@@ -471,33 +472,41 @@ def open_store(source: Source, cache_dir: str | None = None) -> "AnnotationStore
         ValueError: the annotation file cannot be read (``load_annotations``'s messages).
         SourceError: a bad Hugging Face source or column mapping (named, with the columns that exist).
     """
+    for _ in range(2):
+        try:
+            return AnnotationStore(_built_store(source, cache_dir), source)
+        except FileNotFoundError:
+            # Removed between the check and the open: the source's files changed since its key was
+            # computed, and another process built the new store and cleaned up. Look again.
+            continue
+    return AnnotationStore(_built_store(source, cache_dir), source)
+
+
+def _built_store(source: Source, cache_dir: str | None) -> str:
+    """The path of the store of ``source`` as its files are now, built (and older ones removed) if absent."""
     from filelock import FileLock, Timeout
 
-    for attempt in range(3):
-        path = store_path(source, cache_dir)
+    path = store_path(source, cache_dir)
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = FileLock(path + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("waiting for another process to convert %s into %s", source.describe(), path)
+        lock.acquire()
+    try:
         if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            lock = FileLock(path + ".lock")
+            logger.info("converting %s into %s (once; later runs reuse it)", source.describe(), path)
+            build_store(source, path)
             try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                logger.info("waiting for another process to convert %s into %s", source.describe(), path)
-                lock.acquire()
-            try:
-                if not os.path.exists(path):
-                    logger.info("converting %s into %s (once; later runs reuse it)", source.describe(), path)
-                    build_store(source, path)
-                    remove_stale_stores(source, path)
-            finally:
-                lock.release()
-        try:
-            return AnnotationStore(path, source)
-        except FileNotFoundError:
-            # Removed between the check and the open: the source's files changed since the key was
-            # computed and another process built and cleaned up. The next round recomputes the key.
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+                remove_stale_stores(source, path)
+            except OSError as exc:  # a cleanup that fails must not fail the run
+                logger.warning("could not remove the older stores of %s: %s", source.describe(), exc)
+    finally:
+        lock.release()
+    return path
 
 
 # ------------------------------------------------------------------ stale stores
@@ -563,15 +572,23 @@ def _remove_store(directory: str, name: str, names: list[str]) -> list[str]:
     """Remove store ``name`` and its side files unless a process is building or reading it; the paths removed."""
     store = os.path.join(directory, name)
     stem = name[:-len(".arrow")]
-    lock = open(store + ".lock", "rb") if os.path.exists(store + ".lock") else None
+    # Opened for writing: on NFS, flock is emulated with POSIX locks and an exclusive one needs a writable file.
+    try:
+        lock = open(store + ".lock", "r+b")
+    except FileNotFoundError:
+        lock = None
+    except PermissionError:
+        return []  # another user's store: not ours to check or remove
     try:
         locked = _flock(lock, _EXCLUSIVE_NOW) if lock is not None else None
         if locked is False:
             return []  # a process is building or checking it
         try:
-            handle = open(store, "rb")
+            handle = open(store, "r+b")
         except FileNotFoundError:
             return []  # another process removed it first
+        except PermissionError:
+            return []
         with handle:
             if _flock(handle, _EXCLUSIVE_NOW) is False:
                 logger.info("keeping %s: a running process reads it", store)

@@ -10,7 +10,6 @@ position ids -> collators. Everything model-specific comes from the family
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -174,9 +173,9 @@ class LazySupervisedDataset(Dataset):
         if self._exact is None:
             workers = getattr(self.data_args, "count_workers", 0) or default_workers()
             self._exact = count_lengths(self.annotations, self.token_counter(), workers)
-            if self._exact.counted:
-                logger.info("counted the tokens of %d samples in %.1f s with %d process(es); later runs read "
-                            "the cache", self._exact.counted, self._exact.seconds, workers)
+            logger.info("exact token counts of %d samples ready in %.1f s (%d counted by this process with %d "
+                        "worker(s); the rest from the cache, or counted by another process of this node)",
+                        len(self._exact.length), self._exact.seconds, self._exact.counted, workers)
         return self._exact
 
     def samples_per_dataset(self) -> dict[str, int]:
@@ -637,8 +636,7 @@ class OnlinePackedDataset(LazySupervisedDataset):
             for i in counts.bad[:1]:
                 self.load_sample(int(i))  # raises the sample's own error (file, index, cause)
         start = time.perf_counter()
-        folder = os.path.dirname(self.annotations.stores[0].path)  # the annotation cache of this node
-        self.plan: PackPlan = cached_plan(counts.length, self.pack_length, self.seed, folder)
+        self.plan: PackPlan = cached_plan(counts.length, self.pack_length, self.seed, self.annotations.stores[0])
         self.groups = _BinMembers(self.plan)  # bin -> sample indices (the guard names a bad step's samples)
         check_same_on_every_rank(self.plan.digest(), "the online packing bins")
         logger.info(
@@ -697,6 +695,7 @@ def check_same_on_every_rank(digest: str, what: str) -> None:
     if differ:
         raise RuntimeError(f"{what} differ between ranks (ranks {differ} disagree with rank 0): their token counts "
                            f"differ, e.g. a media file readable on one node only")
+    logger.info("%s are the same on all %d ranks", what, len(digests))
 
 
 @dataclass

@@ -118,7 +118,7 @@ def lengths_name(counter: TokenCounter) -> str:
 
 
 @dataclass
-class _StoreJobs:
+class StoreJobs:
     """Job k of a store: its row ``rows[k]`` (picklable: the store pickles as its path)."""
 
     store: AnnotationStore
@@ -177,7 +177,7 @@ def _store_lengths(store: AnnotationStore, rows: np.ndarray, counter: TokenCount
         if len(missing):
             logger.info("counting the exact tokens of %d samples of %s with %d process(es) (cached for later runs)",
                         len(missing), store.source.describe(), workers)
-            for row, count in count_jobs(counter, len(missing), _StoreJobs(store, missing), workers,
+            for row, count in count_jobs(counter, len(missing), StoreJobs(store, missing), workers,
                                          f"counting {store.source.name}", progress):
                 if count.kind in NOT_CACHED:
                     retry[row] = count.full_length
@@ -344,14 +344,16 @@ class PackPlan:
         return digest.hexdigest()
 
 
-def cached_plan(lengths: np.ndarray, pack_length: int, seed: int, folder: str) -> PackPlan:
-    """``plan_bins``, computed by one process per node and kept in ``folder`` (keyed by the lengths, the
-    capacity and the seed); the other processes wait and load it. 1M samples take seconds to plan,
-    10M a minute or two: once per node, and never again when the run restarts.
+def cached_plan(lengths: np.ndarray, pack_length: int, seed: int, store: AnnotationStore) -> PackPlan:
+    """``plan_bins``, computed by one process per node and kept next to ``store`` (the dataset's first
+    source; keyed by the lengths, the capacity and the seed, and removed with that store when it is
+    rebuilt); the other processes wait and load it. 1M samples take seconds to plan, 10M a minute or
+    two: once per node, and never again when the run restarts.
     """
     digest = hashlib.sha256(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
     digest.update(f"{pack_length}:{seed}".encode())
-    path = os.path.join(folder, f"plan-{digest.hexdigest()[:24]}.npz")
+    path = f"{store.path[:-len('.arrow')]}.plan-{digest.hexdigest()[:24]}.npz"
+    folder = os.path.dirname(path) or "."
 
     def load() -> PackPlan | None:
         try:

@@ -86,8 +86,11 @@ class Source:
 
 
 # ------------------------------------------------------------------ resolution
-def resolve_sources(dataset_use: str | list[str], registry: dict[str, dict] | None = None) -> list[Source]:
+def resolve_sources(dataset_use: str | list[str], registry: dict[str, dict] | None = None,
+                    flag: str = "--dataset_use") -> list[Source]:
     """All entries of ``--dataset_use`` (comma-separated or a list), each with its ``%N``.
+
+    ``flag`` names where the entries came from in the messages (``--eval_dataset_use``, a tool's inputs).
 
     Raises:
         SourceError: an entry names nothing that exists, or the same source twice.
@@ -108,31 +111,33 @@ def resolve_sources(dataset_use: str | list[str], registry: dict[str, dict] | No
         except ValueError as exc:
             raise SourceError(str(exc)) from None
         if name in named:  # the wording of qwenvl.data.data_list
-            raise SourceError(f"dataset {name!r} is named twice in --dataset_use ({named[name]!r} and "
+            raise SourceError(f"dataset {name!r} is named twice in {flag} ({named[name]!r} and "
                               f"{spec.strip()!r}): each of its samples would be trained twice; name it once "
                               f"(use {name}%N to keep N percent)")
         named[name] = spec.strip()
-        source = resolve_source(name, rate, registry)
+        source = resolve_source(name, rate, registry, flag)
         key = source.location if source.kind == "hub" else os.path.abspath(source.location)
         key = f"{key}|{source.split}|{sorted(source.columns.items())}|{source.system_prompt}"
         if key in located:
-            raise SourceError(f"--dataset_use reads {source.location} twice ({located[key]!r} and {spec.strip()!r}): "
+            raise SourceError(f"{flag} reads {source.location} twice ({located[key]!r} and {spec.strip()!r}): "
                               f"each of its samples would be trained twice; name it once (use NAME%N to keep N "
                               f"percent)")
         located[key] = spec.strip()
         sources.append(source)
     if not sources:
-        raise SourceError("--dataset_use names no dataset")
+        raise SourceError(f"{flag} names no dataset")
     return sources
 
 
-def resolve_source(entry: str, sampling_rate: float = 1.0, registry: dict[str, dict] | None = None) -> Source:
+def resolve_source(entry: str, sampling_rate: float = 1.0, registry: dict[str, dict] | None = None,
+                   flag: str = "--dataset_use") -> Source:
     """One entry (without ``%N``) -> a ``Source``.
 
     Args:
         entry: a registry name, a file or folder path, or a cached hub dataset name.
         sampling_rate: the ``%N`` of the entry, as a fraction.
         registry: name -> entry dict; ``qwenvl.data.data_dict`` by default.
+        flag: where the entry came from, for the message of an unknown one.
 
     Returns:
         the source; nothing is read beyond file names and, for folders, their metadata files.
@@ -164,7 +169,7 @@ def resolve_source(entry: str, sampling_rate: float = 1.0, registry: dict[str, d
     if looks_like_hub_name(entry) and hub_cache_dirs(entry):
         return _hub_source(entry, entry, sampling_rate, {}, None, None, "")
     raise SourceError(
-        f"unknown dataset {entry!r} in --dataset_use; registered datasets: {', '.join(sorted(registry))}; nor is it "
+        f"unknown dataset {entry!r} in {flag}; registered datasets: {', '.join(sorted(registry))}; nor is it "
         f"an existing file or folder, or a Hugging Face dataset in the local cache ({_datasets_cache_root()})"
     )
 

@@ -191,12 +191,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     by default the weight's own dtype, as Liger does: for bf16 weights one
     ``addmm_`` per slice (the product accumulated in float32 inside the GEMM)
     into a bf16 (V, H) buffer that is itself the returned gradient, so no
-    weight-sized float32 buffer (2.2 GB at vocab 151,936 x hidden 3,584) and no
-    final copy. The cost is one bf16 rounding of the running sum per slice:
-    the relative error of the gradient grows like sqrt(slices) x 2^-9, e.g.
-    about 0.4% with 4 slices, 0.8% with 16 (measured numbers in
-    ``tests/train/test_loss.py``). ``grad_weight_dtype=torch.float32`` sums in
-    float32 and rounds once at the end, at the cost of that buffer.
+    weight-sized float32 buffer (2.2 GB at vocab 151,936 x hidden 3,584), no
+    (V, H) product per slice and no final copy. The cost is one bf16 rounding
+    of the running sum per slice. Measured against float32 cross-entropy on the
+    full logits (4,096 positions, vocab 151,936, hidden 256, norm of the error
+    over norm of the gradient): 0.28% with 4 slices, 0.33% with 32 (hidden 64,
+    128 slices: 0.45%), against 0.25-0.27% when summed in float32, 0.25% for
+    ``lm_head``'s own bf16 backward and 0.16% for the exact gradient rounded
+    to bf16. ``grad_weight_dtype=torch.float32`` sums in float32 and rounds
+    once at the end, at the cost of those buffers.
 
     ZeRO-3: apply it inside ``gathered(weight)``: autograd records the weight's
     shape at ``apply`` and checks the returned gradient against it, so the weight

@@ -82,7 +82,7 @@ def check_datasets(flag: str, value: str, packing: bool = False) -> list[Source]
             or media folder, a column mapping naming a missing column, a folder that is not a dataset.
     """
     try:
-        sources = resolve_sources(value)
+        sources = resolve_sources(value, flag=flag)
     except ValueError as exc:
         raise PreflightError(f"{flag}: {exc}") from None
     if packing:

@@ -1,7 +1,7 @@
 """Fine-tune Qwen2-VL / Qwen2.5-VL: ``torchrun qwenvl/train/train_qwen.py --dataset_use my_ds%50 ...``.
 
-Read top to bottom: parse flags -> load model by its config's model_type ->
-freeze per the tune flags (or wrap in LoRA adapters) -> data -> Trainer -> train
+Read top to bottom: parse flags -> checks -> data (the family from the config's model_type) -> load
+model -> freeze per the tune flags (or wrap in LoRA adapters) -> Trainer -> train
 (resuming from the newest checkpoint) -> save model (or adapter) and processor so
 the folder loads for inference (tools/infer.py, tools/merge_lora.py).
 DeepSpeed/FSDP checks live in qwenvl/train/distributed.py, LoRA in qwenvl/train/lora.py.
@@ -142,6 +142,22 @@ def train(argv: list[str] | None = None) -> Path:
         logger.warning("%s is at --max_steps %d: saved it as the final model without training", checkpoint,
                        training_args.max_steps)
         return Path(output_dir)
+    # The data before the model: exact token counts (online packing, group_by_length) and a bad sample under
+    # --bad_sample_policy error are found without weights in memory.
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+    family = family_for(config)
+    vision_config = VisionConfig.from_image_processor(image_processor, data_args.min_pixels, data_args.max_pixels)
+    data_module = make_supervised_data_module(
+        tokenizer,
+        data_args,
+        vision_config,
+        family=family,
+        vision_settings=family.vision_settings(model_args.model_name_or_path),
+        model_max_length=training_args.model_max_length,
+        seed=training_args.seed,
+        tokens_per_second=getattr(config.vision_config, "tokens_per_second", 2),
+    )
+
     # Before the model exists: ZeRO-3 builds it inside deepspeed.zero.Init, which needs deepspeed.comm up.
     prepare_deepspeed(training_args)
 
@@ -157,18 +173,6 @@ def train(argv: list[str] | None = None) -> Path:
         model.enable_input_require_grads()
         if training_args.activation_checkpointing_kwargs is None:
             training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
-
-    vision_config = VisionConfig.from_image_processor(image_processor, data_args.min_pixels, data_args.max_pixels)
-    data_module = make_supervised_data_module(
-        tokenizer,
-        data_args,
-        vision_config,
-        family=family_for(model.config),
-        vision_settings=family_for(model.config).vision_settings(model_args.model_name_or_path),
-        model_max_length=training_args.model_max_length,
-        seed=training_args.seed,
-        tokens_per_second=getattr(model.config.vision_config, "tokens_per_second", 2),
-    )
 
     trainer = QwenVLTrainer(model=model, args=training_args, processing_class=tokenizer, **data_module)
     if data_args.bad_sample_policy == "skip":  # counts, reports and caps skipped samples (bad_samples.jsonl)

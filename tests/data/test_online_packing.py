@@ -87,8 +87,8 @@ def test_exact_counts_equal_the_built_items_and_are_cached(tokenizer, image_proc
     again, _ = datasets(tokenizer, image_processor)
     assert again.exact_lengths().counted == 0  # read from the cache next to the annotation store
     assert again.plan.digest() == packed.plan.digest()
-    cache = Path(packed.annotations.stores[0].path).parent
-    assert len(list(cache.glob("plan-*.npz"))) == 1  # planned once, loaded by the second construction
+    store = Path(packed.annotations.stores[0].path)
+    assert len(list(store.parent.glob(f"{store.stem}.plan-*.npz"))) == 1  # planned once, then loaded
     # another pixel limit changes the counts: counted again, not read from the other setting's cache
     smaller, smaller_lazy = datasets(tokenizer, image_processor, use="demo_single_image", max_pixels=16 * 28 * 28)
     assert smaller.exact_lengths().counted == len(smaller_lazy)

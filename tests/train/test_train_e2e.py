@@ -125,4 +125,5 @@ def test_qwen3_moe_demo_trains_ten_steps_on_two_processes(tiny_qwen3_moe_model_d
     assert packing, text[-3000:]
     samples, rows = int(packing[1]), int(packing[2])
     assert rows < samples and float(packing[3]) > 50
+    assert "the online packing bins are the same on all 2 ranks" in text
     assert (output / "model.safetensors").exists()
