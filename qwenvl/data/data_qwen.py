@@ -276,7 +276,7 @@ class LazySupervisedDataset(Dataset):
         """
         ref = self.refs[i]
         try:
-            checked = check_record(self.records[i], ref.annotation_path, ref.index)
+            checked = check_record(self.records[i], ref.annotation_path, ref.index, self.family)
         except BadSampleError as exc:
             raise self.bad(i, exc.reason, exc.kind) from None
         conversation, images, videos = checked.conversation, checked.images, checked.videos

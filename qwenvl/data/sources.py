@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenvl.data import data_dict, looks_like_hub_name, parse_sampling_rate
+from qwenvl.data.vision import image_format
 
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
@@ -40,10 +41,6 @@ MEDIA_KEYS = ("image", "images", "video", "videos")
 MAPPING_KEYS = MEDIA_KEYS + ("conversations", "question", "answer", "system")
 SOURCE_KINDS = ("json", "jsonl", "hf_disk", "parquet", "arrow", "hub")
 _SPLIT_RE = re.compile(r"(?:^|[/_-])(train|test|validation|valid|dev|eval)(?:[-_.]|/|$)")
-_IMAGE_MIME = ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF8", "gif"), (b"RIFF", "webp"), (b"BM", "bmp"),
-               (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
-
-
 class SourceError(ValueError):
     """A dataset source that cannot be read as asked; the message names the source and what exists."""
 
@@ -593,5 +590,5 @@ def data_uri(raw: bytes) -> str:
         >>> data_uri(b"\\x89PNG....")[:22]
         'data:image/png;base64,'
     """
-    subtype = next((name for magic, name in _IMAGE_MIME if raw.startswith(magic)), "octet-stream")
+    subtype = (image_format(raw) or "octet-stream").lower()
     return f"data:image/{subtype};base64,{base64.b64encode(raw).decode('ascii')}"

@@ -259,7 +259,7 @@ class TokenCounter:
             dataset's error kind and reason. Never raises for a bad sample.
         """
         try:
-            checked = check_record(sample, annotation_path, index)
+            checked = check_record(sample, annotation_path, index, self.family)
         except BadSampleError as exc:
             return TokenCount(0, 0, exc.kind, exc.reason)
         try:

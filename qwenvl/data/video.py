@@ -616,8 +616,10 @@ _READERS = {"decord": _read_decord, "pyav": _read_pyav, "torchcodec": _read_torc
 
 
 def _first_decoder(backend: str | None) -> str | None:
-    """The decoder ``read_frames`` would try first, or None when the choice itself fails (reported later,
-    where ``read_frames`` always reported it: after the probe)."""
+    """The decoder ``read_frames`` would try first; None when the choice itself fails.
+
+    The failure is left to ``read_frames``, which reports it where it always did: after the probe.
+    """
     try:
         return video_backend(backend)
     except (ValueError, VideoError):
@@ -739,6 +741,10 @@ def load_video_plan(
     settings: Any = None,
 ) -> tuple[np.ndarray, VideoPlan]:
     """Probe, sample, decode, resize and patchify one video; the plan it followed comes back too.
+
+    The result and the errors are those of ``probe_video`` -> ``plan_video`` -> ``read_frames``.
+    When PyAV decodes, the file is opened and demuxed once (``_load_pyav``): the probe's packet
+    list is the reader's index.
 
     Args:
         source (str): video path, relative to ``data_path`` unless absolute.

@@ -379,18 +379,27 @@ def _describe(exc: BaseException, raw: bytes | None = None, where: str = "") -> 
 
 
 def _check_reference(source: Any) -> None:
+    if isinstance(source, (bytes, bytearray)) and source:
+        return
     if not isinstance(source, str) or not source:
         raise ImageError(f"image reference must be a non-empty string, got {source!r}", "bad_media_ref")
 
 
-def open_image(source: str, data_path: str = "") -> Image.Image:
-    """Open an image from a path (relative to ``data_path``), a data URI or bare base64.
+def _inline_bytes(source: str | bytes) -> bytes | None:
+    """The image's bytes when ``source`` holds them (raw bytes, a data URI or bare base64), else None (a path)."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source)
+    return _decode_base64(source)
+
+
+def open_image(source: str | bytes, data_path: str = "") -> Image.Image:
+    """Open an image from a path (relative to ``data_path``), its bytes, a data URI or bare base64.
 
     EXIF orientation is applied and the result is RGB (``to_rgb``). The size in
     the header is checked against ``MAX_IMAGE_PIXELS`` before any pixel is decoded.
 
     Args:
-        source: a path, a ``data:image/...;base64,`` URI or bare base64.
+        source: a path, the file's bytes, a ``data:image/...;base64,`` URI or bare base64.
         data_path: folder that relative paths are joined to.
 
     Returns:
@@ -402,7 +411,7 @@ def open_image(source: str, data_path: str = "") -> Image.Image:
         OSError: a transient I/O error (``is_transient_io_error``), left for the caller to retry.
     """
     _check_reference(source)
-    raw = _decode_base64(source)
+    raw = _inline_bytes(source)
     where = "inline image" if raw is not None else resolve_path(source, data_path)
     try:
         if raw is not None:
@@ -430,7 +439,7 @@ def open_image(source: str, data_path: str = "") -> Image.Image:
     return to_rgb(image)
 
 
-def image_size(source: str, data_path: str = "") -> tuple[int, int]:
+def image_size(source: str | bytes, data_path: str = "") -> tuple[int, int]:
     """(height, width) of an image as the dataset will see it, from the header only.
 
     Pixels are not decoded. EXIF orientations 5-8 (rotations by 90 degrees)
@@ -441,7 +450,7 @@ def image_size(source: str, data_path: str = "") -> tuple[int, int]:
         OSError: a transient I/O error.
     """
     _check_reference(source)
-    raw = _decode_base64(source)
+    raw = _inline_bytes(source)
     where = "inline image" if raw is not None else resolve_path(source, data_path)
     if raw is None:
         missing = media_file_problem(where, "image")

@@ -79,6 +79,8 @@ def test_inline_base64_and_data_uri_decode_to_the_same_pixels(tmp_path):
     from_file = np.asarray(open_image("x.png", str(tmp_path)))
     np.testing.assert_array_equal(np.asarray(open_image(f"data:image/png;base64,{encoded}")), from_file)
     np.testing.assert_array_equal(np.asarray(open_image(encoded)), from_file)
+    np.testing.assert_array_equal(np.asarray(open_image(raw)), from_file)  # the file's bytes themselves
+    assert image_size(raw) == image_size("x.png", str(tmp_path)) == (56, 56)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])
