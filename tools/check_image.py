@@ -39,7 +39,6 @@ Exit status: 0 when every sample is valid, 1 when any problem was found (for CI 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -55,6 +54,7 @@ if str(_REPO_ROOT) not in sys.path:  # `python tools/check_image.py` from a chec
 
 from qwenvl.data.annotations import AnnotationStore  # noqa: E402
 from qwenvl.data.chat import Problem, SampleRef  # noqa: E402
+from qwenvl.data.packing import map_jobs  # noqa: E402
 from qwenvl.data.validation import SampleValidator, summarize  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
 from tools.common import (  # noqa: E402
@@ -143,27 +143,15 @@ class _CheckJobs:
         return k, self.store[row], SampleRef(self.dataset, source.location, source.data_path, row)
 
 
-# What a checking process needs: the validator and how to read job k. Set before the pool starts
-# (fork inherits it; spawn receives it through the initializer).
-_worker_state: tuple[SampleValidator, Callable[[int], tuple[int, Any, SampleRef]]] | None = None
-
-
-def _init_worker(validator: SampleValidator, fetch: Callable[[int], tuple[int, Any, SampleRef]]) -> None:
-    global _worker_state
-    _worker_state = (validator, fetch)
-
-
-def _check_range(bounds: tuple[int, int]) -> list[tuple[int, Problem | None]]:
-    validator, fetch = _worker_state
-    results = []
-    for position, record, ref in map(fetch, range(*bounds)):
-        results.append((position, validator.validate(record, ref)))
-    return results
+def check_job(validator: SampleValidator, job: tuple[int, Any, SampleRef]) -> tuple[int, Problem | None]:
+    """``(position, the sample's first problem or None)`` for ``map_jobs``."""
+    position, record, ref = job
+    return position, validator.validate(record, ref)
 
 
 def check_samples(validator: SampleValidator, num_jobs: int, fetch: Callable[[int], tuple[int, Any, SampleRef]],
                   workers: int, desc: str, progress: bool = True) -> Iterator[tuple[int, Problem | None]]:
-    """Validate ``num_jobs`` samples, in processes when ``workers > 1``, with a progress bar.
+    """Validate ``num_jobs`` samples, in processes when ``workers > 1``, with a progress bar (``map_jobs``).
 
     Args:
         validator: training's checks.
@@ -172,29 +160,12 @@ def check_samples(validator: SampleValidator, num_jobs: int, fetch: Callable[[in
             processes read their records from the memory-mapped store.
         workers: processes (1 = check here).
         desc: progress bar label.
-        progress: show a progress bar (on stderr).
+        progress: show a progress bar.
 
     Yields:
         (position, the sample's first problem or None), in any order.
     """
-    from tqdm import tqdm
-
-    bar = tqdm(total=num_jobs, desc=desc, unit="sample", disable=not progress, mininterval=0.5, file=sys.stderr)
-    try:
-        if workers <= 1 or num_jobs < 2 * CHUNK:
-            for position, record, ref in map(fetch, range(num_jobs)):
-                yield position, validator.validate(record, ref)
-                bar.update()
-            return
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        ranges = [(start, min(start + CHUNK, num_jobs)) for start in range(0, num_jobs, CHUNK)]
-        with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
-                                                      initargs=(validator, fetch)) as pool:
-            for results in pool.imap_unordered(_check_range, ranges):
-                yield from results
-                bar.update(len(results))
-    finally:
-        bar.close()
+    return map_jobs(check_job, validator, num_jobs, fetch, workers, desc, progress, chunk=CHUNK)
 
 
 @dataclass

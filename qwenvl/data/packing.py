@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -55,60 +56,77 @@ def count_one(counter: TokenCounter, index: int, record: Any, data_path: str, wh
         return TokenCount(0, 0, UNEXPECTED, unexpected_reason(exc))
 
 
-# What a counting process needs: the counter and how to read job k as (index, record, data_path, where).
-# Set before the pool starts (fork inherits it; spawn receives it through the initializer).
-_worker_state: tuple[TokenCounter, Callable[[int], tuple[int, Any, str, str]]] | None = None
+# What a pool process needs: the work function, its state and how to read job k. Set before the pool
+# starts (fork inherits it; spawn receives it through the initializer).
+_worker_state: tuple[Callable[[Any, Any], Any], Any, Callable[[int], Any]] | None = None
 
 
-def _init_worker(counter: TokenCounter, fetch: Callable[[int], tuple[int, Any, str, str]]) -> None:
+def _init_worker(work: Callable[[Any, Any], Any], state: Any, fetch: Callable[[int], Any]) -> None:
     global _worker_state
-    _worker_state = (counter, fetch)
+    _worker_state = (work, state, fetch)
 
 
-def _count_range(bounds: tuple[int, int]) -> list[tuple[int, list]]:
-    counter, fetch = _worker_state
-    return [(job[0], count_one(counter, *job).to_json()) for job in map(fetch, range(*bounds))]
+def _run_range(bounds: tuple[int, int]) -> list[Any]:
+    work, state, fetch = _worker_state
+    return [work(state, job) for job in map(fetch, range(*bounds))]
+
+
+def map_jobs(work: Callable[[Any, Any], Any], state: Any, num_jobs: int, fetch: Callable[[int], Any], workers: int,
+             desc: str, progress: bool | None = None, chunk: int = CHUNK) -> Iterator[Any]:
+    """``work(state, fetch(k))`` for every job ``k``, in ``workers`` processes when that helps, with a progress
+    bar on terminals. Shared by the token counts (training, tools/pack_data.py) and tools/check_image.py.
+
+    Args:
+        work: a module-level function (picklable), e.g. ``count_job``.
+        state: what ``work`` needs besides the job (a ``TokenCounter``, a validator), sent to each process once.
+        num_jobs: how many jobs.
+        fetch: job number -> job; called in the pool's processes, so records are read there (a store is
+            picklable and memory-mapped).
+        workers: processes (1 = here).
+        desc: progress bar label.
+        progress: the progress bar (tqdm, on stderr): None = on terminals only, True = always, False = never.
+        chunk: jobs per task sent to a process.
+
+    Yields:
+        the results, in no particular order when ``workers > 1``.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=num_jobs, desc=desc, unit="sample", disable=None if progress is None else not progress,
+               mininterval=0.5, file=sys.stderr)
+    try:
+        if workers <= 1 or num_jobs < 2 * chunk:
+            for k in range(num_jobs):
+                yield work(state, fetch(k))
+                bar.update()
+            return
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        ranges = [(start, min(start + chunk, num_jobs)) for start in range(0, num_jobs, chunk)]
+        with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
+                                                      initargs=(work, state, fetch)) as pool:
+            for results in pool.imap_unordered(_run_range, ranges):
+                yield from results
+                bar.update(len(results))
+    finally:
+        bar.close()
+
+
+def count_job(counter: TokenCounter, job: tuple[int, Any, str, str]) -> tuple[int, TokenCount]:
+    """``(index, count_one(counter, *job))`` for ``map_jobs``."""
+    return job[0], count_one(counter, *job)
 
 
 def count_jobs(
     counter: TokenCounter, num_jobs: int, fetch: Callable[[int], tuple[int, Any, str, str]], workers: int,
     desc: str, progress: bool = True,
 ) -> Iterator[tuple[int, TokenCount]]:
-    """Count ``num_jobs`` samples, in ``workers`` processes when that helps, with a progress bar on terminals.
-
-    Args:
-        counter: the ``TokenCounter`` (same flags as training).
-        num_jobs: how many samples.
-        fetch: job number -> ``(index, record, data_path, where)``; ``index`` is what is yielded back,
-            ``where`` names the annotation file in rejection reasons. Called in the counting processes,
-            so records are read there (a store is picklable and memory-mapped).
-        workers: processes (1 = count here).
-        desc: progress bar label.
-        progress: show a progress bar (tqdm, only on terminals).
+    """Count ``num_jobs`` samples (``map_jobs``); ``fetch(k)`` gives ``(index, record, data_path, where)``, where
+    ``index`` is yielded back and ``where`` names the annotation file in rejection reasons.
 
     Yields:
         ``(index, TokenCount)``, in no particular order when ``workers > 1``.
     """
-    from tqdm import tqdm
-
-    bar = tqdm(total=num_jobs, desc=desc, unit="sample", disable=None if progress else True, mininterval=1.0)
-    try:
-        if workers <= 1 or num_jobs < 2 * CHUNK:
-            for k in range(num_jobs):
-                job = fetch(k)
-                yield job[0], count_one(counter, *job)
-                bar.update()
-            return
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        ranges = [(start, min(start + CHUNK, num_jobs)) for start in range(0, num_jobs, CHUNK)]
-        with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
-                                                      initargs=(counter, fetch)) as pool:
-            for results in pool.imap_unordered(_count_range, ranges):
-                for index, value in results:
-                    yield index, TokenCount.from_json(value)
-                bar.update(len(results))
-    finally:
-        bar.close()
+    return map_jobs(count_job, counter, num_jobs, fetch, workers, desc, None if progress else False)
 
 
 def lengths_name(counter: TokenCounter) -> str:
