@@ -177,3 +177,43 @@ def test_packed_and_unpacked_sources_are_not_mixed(tmp_path):
             offline_packed("x_pack,demo_text_only")
     finally:
         del registry.data_dict["x_pack"]
+
+
+SAME, DIFFERENT = ["abc", "abc"], ["abc", "abd"]
+
+
+def _rank_check(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from qwenvl.data.data_qwen import check_same_on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for digests in (SAME, DIFFERENT):
+            try:
+                check_same_on_every_rank(digests[rank], "the online packing bins")
+                results.put((rank, digests[1], "same"))
+            except RuntimeError as exc:
+                results.put((rank, digests[1], str(exc)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_other_bins_stop_together():
+    """Every rank learns that the bins differ (no rank trains on while another one stops)."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_rank_check, args=(rank, port, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    got = sorted(results.get(timeout=120) for _ in range(4))
+    for process in processes:
+        process.join(timeout=60)
+    differ = ("the online packing bins differ between ranks (ranks [1] disagree with rank 0): their token counts "
+              "differ, e.g. a media file readable on one node only")
+    assert got == [(0, "abc", "same"), (0, "abd", differ), (1, "abc", "same"), (1, "abd", differ)]
