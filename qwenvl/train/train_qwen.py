@@ -157,6 +157,9 @@ def train(argv: list[str] | None = None) -> Path:
         seed=training_args.seed,
         tokens_per_second=getattr(config.vision_config, "tokens_per_second", 2),
     )
+    if training_args.train_sampling_strategy == "group_by_length" and hasattr(data_module["train_dataset"],
+                                                                               "exact_lengths"):
+        data_module["train_dataset"].exact_lengths()  # counted (or read from the cache) now, not after the load
 
     # Before the model exists: ZeRO-3 builds it inside deepspeed.zero.Init, which needs deepspeed.comm up.
     prepare_deepspeed(training_args)
