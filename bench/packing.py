@@ -198,6 +198,7 @@ def counting_table(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
 def startup_table(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     import os
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as training and pack_data run
     from transformers import AutoTokenizer
 
     import qwenvl.data as registry
@@ -224,6 +225,7 @@ def startup_table(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     cfg = VisionConfig.from_image_processor(load_image_processor(model), data_args.min_pixels, data_args.max_pixels)
     counter = TokenCounter(tokenizer, data_args, cfg, model_max_length=8192)
     annotations = AnnotationSet("bench_startup", seed=42)
+    count_lengths(AnnotationSet("demo_single_image", seed=42), counter, 1, progress=False)  # one-time costs
     rows = []
     for workers in (1, 2):
         for store in annotations.stores:  # cold: drop the cached counts

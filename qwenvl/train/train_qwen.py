@@ -110,6 +110,9 @@ def train(argv: list[str] | None = None) -> Path:
     Raises:
         ConfigError: a setting that cannot work, found before the model loads (PreflightError too).
     """
+    # Token counts and DataLoader workers fork this process: the tokenizer's thread pool would only be
+    # disabled in the children with a warning (and slows the short encodes of one process).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
     preflight(model_args, data_args, training_args)  # seconds: datasets, integrations, eval, tune flags, limits
