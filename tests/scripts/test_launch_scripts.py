@@ -82,3 +82,20 @@ def test_environment_overrides_the_defaults(tmp_path):
     args = training_flags(launch("sft_32b.sh", tmp_path, MODEL="/models/mine", BATCH="3", DATASETS="a%10,b"))
     assert (args.model_name_or_path, args.per_device_train_batch_size, args.dataset_use) == ("/models/mine", 3, "a%10,b")
     assert args.output_dir == "./checkpoints/qwen2_5vl_32b_sft"
+
+
+def test_gpu_checks_script_refuses_to_start_without_a_gpu_and_names_real_shapes():
+    """scripts/gpu_checks.sh is the one prepared run for a lent GPU: here it stops at its first line, and the
+    shapes it benchmarks are the bench's own."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run the script itself")
+    done = subprocess.run(["bash", "scripts/gpu_checks.sh"], cwd=REPO_ROOT, env=python_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "no CUDA device" in done.stderr, done.stderr[-2000:]
+    from bench.train_step import SHAPES
+
+    script = (REPO_ROOT / "scripts" / "gpu_checks.sh").read_text()
+    shapes = script.split('SHAPES:-')[1].split("}")[0].split(",")
+    assert shapes and all(shape in SHAPES for shape in shapes)
