@@ -24,6 +24,7 @@ def as_dicts(parsed) -> list[dict]:
 @pytest.mark.parametrize("command", [
     "qwenvl/train/train_qwen.py", "tools/pack_data.py", "tools/check_image.py", "tools/build_tiny_model.py",
     "tools/infer.py", "tools/merge_lora.py", "tools/make_demo_data.py", "tools/make_demo_videos.py",
+    *sorted(str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "bench").glob("*.py")),
 ])
 def test_help_of_every_command(command):
     done = subprocess.run([PYTHON, command, "--help"], cwd=REPO_ROOT, env=python_env(), capture_output=True,
