@@ -612,8 +612,10 @@ class OnlinePackedDataset(LazySupervisedDataset):
     put into first-fit-decreasing bins of ``pack_length`` tokens, samples of equal length ordered
     by ``seed``, so every rank computes the same bins (checked across ranks when a process group
     is up). Item ``g`` is the list of bin ``g``'s sample items, which
-    ``PackedDataCollatorForSupervisedDataset`` flattens into one row; the Trainer's sampler shuffles
-    the bins each epoch, and every sample is in exactly one bin.
+    ``PackedDataCollatorForSupervisedDataset`` flattens into one row; every sample is in exactly one
+    bin. Each epoch (``set_epoch``, called by ``qwenvl.train.trainer.EpochCallback``) reorders the
+    samples of equal length by ``(seed, epoch)``: other rows of the same lengths, so the number of
+    bins never changes; the Trainer's sampler shuffles the bins' order.
 
     Samples the count rejects weigh 0 in the bins: under ``skip`` loading them gives their
     ``Problem`` (reported as any skipped sample); under ``error`` the first one is raised here,
@@ -636,8 +638,9 @@ class OnlinePackedDataset(LazySupervisedDataset):
             for i in counts.bad[:1]:
                 self.load_sample(int(i))  # raises the sample's own error (file, index, cause)
         start = time.perf_counter()
+        self.epoch = 0
         self.plan: PackPlan = cached_plan(counts.length, self.pack_length, self.seed, self.annotations.stores[0])
-        self.groups = _BinMembers(self.plan)  # bin -> sample indices (the guard names a bad step's samples)
+        self.groups = _BinMembers(self)  # bin -> sample indices (the guard names a bad step's samples)
         check_same_on_every_rank(self.plan.digest(), "the online packing bins")
         logger.info(
             "online packing: %d samples into %d bins of %d tokens, fill %.2f%% (%d real tokens), in %.2f s; "
@@ -649,6 +652,26 @@ class OnlinePackedDataset(LazySupervisedDataset):
 
     def __len__(self) -> int:
         return len(self.plan)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Bins of ``epoch``: samples of equal length reordered by ``(seed, epoch)`` (epoch 0: by ``seed``).
+
+        Called in every process before the epoch's DataLoader iterator (and its workers) starts; the
+        plan is cached next to the store like the first one. With ``--dataloader_persistent_workers``
+        the workers keep the bins they started with.
+
+        Raises:
+            RuntimeError: the new bins differ in number (cannot happen: only equal lengths trade places).
+        """
+        if epoch == self.epoch:
+            return
+        counts = self.exact_lengths()
+        seed = self.seed if epoch == 0 else (self.seed, epoch)
+        plan = cached_plan(counts.length, self.pack_length, seed, self.annotations.stores[0])
+        if len(plan) != len(self.plan):
+            raise RuntimeError(f"epoch {epoch}: {len(plan)} bins instead of {len(self.plan)}")
+        self.plan, self.epoch = plan, epoch
+        logger.info("online packing: bins of epoch %d", epoch)
 
     def __getitem__(self, g: int) -> list[dict[str, Any] | Problem]:
         """The items of bin ``g``, each as ``LazySupervisedDataset.load_sample`` builds it."""
@@ -665,18 +688,18 @@ class OnlinePackedDataset(LazySupervisedDataset):
 
 
 class _BinMembers(Sequence):
-    """``dataset.groups[b]``: the sample indices of bin ``b`` of a ``PackPlan``."""
+    """``dataset.groups[b]``: the sample indices of bin ``b`` of the dataset's current ``PackPlan``."""
 
-    def __init__(self, plan: PackPlan):
-        self._plan = plan
+    def __init__(self, dataset: OnlinePackedDataset):
+        self._dataset = dataset
 
     def __len__(self) -> int:
-        return len(self._plan)
+        return len(self._dataset.plan)
 
     def __getitem__(self, b: int) -> list[int]:  # type: ignore[override]
         if not 0 <= b < len(self):
             raise IndexError(f"bin {b} out of range (0..{len(self) - 1})")
-        return self._plan.bin(b).tolist()
+        return self._dataset.plan.bin(b).tolist()
 
 
 def check_same_on_every_rank(digest: str, what: str) -> None:

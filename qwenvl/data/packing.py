@@ -270,7 +270,8 @@ def offline_packed(dataset_use: str | list[Source]) -> bool:
     return bool(packed)
 
 
-def first_fit_decreasing(lengths: Sequence[int], capacity: int, tie_seed: int | None = None) -> list[list[int]]:
+def first_fit_decreasing(lengths: Sequence[int], capacity: int,
+                         tie_seed: int | tuple[int, ...] | None = None) -> list[list[int]]:
     """Pack items into bins of ``capacity``: longest first, each into the first bin with room.
 
     A segment tree over the bins' free space finds the first bin with room in
@@ -362,7 +363,8 @@ class PackPlan:
         return digest.hexdigest()
 
 
-def cached_plan(lengths: np.ndarray, pack_length: int, seed: int, store: AnnotationStore) -> PackPlan:
+def cached_plan(lengths: np.ndarray, pack_length: int, seed: int | tuple[int, ...],
+                store: AnnotationStore) -> PackPlan:
     """``plan_bins``, computed by one process per node and kept next to ``store`` (the dataset's first
     source; keyed by the lengths, the capacity and the seed, and removed with that store when it is
     rebuilt); the other processes wait and load it. 1M samples take seconds to plan, 10M a minute or
@@ -396,13 +398,14 @@ def cached_plan(lengths: np.ndarray, pack_length: int, seed: int, store: Annotat
     return plan
 
 
-def plan_bins(lengths: np.ndarray, pack_length: int, seed: int) -> PackPlan:
+def plan_bins(lengths: np.ndarray, pack_length: int, seed: int | tuple[int, ...]) -> PackPlan:
     """First-fit-decreasing bins of ``lengths`` (``BAD`` samples weigh 0: loading them reports them).
 
     Args:
         lengths: ``Lengths.length`` of the dataset's samples.
         pack_length: bin capacity in tokens.
-        seed: orders samples of equal length (same seed, same bins on every rank).
+        seed: orders samples of equal length (same seed, same bins on every rank); ``(seed, epoch)``
+            gives each epoch other bins of the same lengths.
 
     Returns:
         the ``PackPlan``; every sample is in exactly one bin.

@@ -7,10 +7,11 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from qwenvl.data.data_qwen import BAD_SAMPLES_KEY
@@ -198,14 +199,35 @@ def vision_features_for_llm(output: object) -> list[torch.Tensor]:
     return [pooled, *(getattr(output, "deepstack_features", None) or [])]
 
 
+class EpochCallback(TrainerCallback):
+    """Tells a dataset with ``set_epoch`` (online packing's bins) which epoch begins, in every process.
+
+    ``on_epoch_begin`` runs before the epoch's DataLoader iterator starts its workers, so they hold
+    that epoch's dataset. On a resume the Trainer's epoch (``state.epoch``, restored from the
+    checkpoint) gives the same bins the interrupted run trained on.
+    """
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int((state.epoch or 0) + 1e-6))  # state.epoch: epochs done, a float
+
+
 class QwenVLTrainer(Trainer):
     """HF Trainer whose optimizer has per-module learning rates (SPEC 10).
 
-    It also keeps the vision tower in step across ranks (``compute_loss``).
+    It also keeps the vision tower in step across ranks (``compute_loss``), and tells a training set
+    with ``set_epoch`` (online packing) which epoch begins (``EpochCallback``).
     """
 
     _vision_needs_sync: bool | None = None
     _llm_trains: bool = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.add_callback(EpochCallback(self.train_dataset))
 
     def dummy_vision_calls(self, model: nn.Module, inputs: dict) -> int:
         """Dummy vision passes this micro-batch needs so every rank runs the tower alike.

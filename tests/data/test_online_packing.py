@@ -133,6 +133,27 @@ def test_packed_row_loss_equals_the_padded_batch_of_its_samples(tokenizer, image
     torch.testing.assert_close(row, padded, atol=1e-5, rtol=0)
 
 
+def test_each_epoch_has_other_bins_of_the_same_lengths(tokenizer, image_processor, tmp_path):
+    demo = data_list(["demo_single_image"])[0]
+    records = load_annotations(demo["annotation_path"])
+    path = tmp_path / "repeated.jsonl"
+    path.write_text("".join(json.dumps(records[n % len(records)]) + "\n" for n in range(240)))
+    registry.data_dict["repeated_online"] = {"annotation_path": str(path), "data_path": demo["data_path"]}
+    try:
+        packed, _ = datasets(tokenizer, image_processor, use="repeated_online", pack_length=700)
+        first = packed.plan
+        bins = [packed.groups[b] for b in range(len(packed))]
+        packed.set_epoch(1)
+        second = packed.plan
+        assert sorted(second.members.tolist()) == list(range(240))  # every sample once in epoch 1 too
+        assert second.tokens.tolist() == first.tokens.tolist() and len(packed) == len(bins)
+        assert [packed.groups[b] for b in range(len(packed))] != bins  # other samples share a row
+        packed.set_epoch(0)
+        assert packed.plan.digest() == first.digest()
+    finally:
+        del registry.data_dict["repeated_online"]
+
+
 def test_make_supervised_data_module_packs_unpacked_sources_online(tokenizer, image_processor):
     cfg = VisionConfig.from_image_processor(image_processor, PIXELS["min_pixels"], PIXELS["max_pixels"])
     args = DataArguments(dataset_use="demo_text_only,demo_single_image%50", data_packing=True, pack_length=600,

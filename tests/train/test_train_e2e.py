@@ -126,4 +126,5 @@ def test_qwen3_moe_demo_trains_ten_steps_on_two_processes(tiny_qwen3_moe_model_d
     samples, rows = int(packing[1]), int(packing[2])
     assert rows < samples and float(packing[3]) > 50
     assert "the online packing bins are the same on all 2 ranks" in text
+    assert "online packing: bins of epoch 1" in text  # 10 steps of 4 rows: several epochs, each its own bins
     assert (output / "model.safetensors").exists()
