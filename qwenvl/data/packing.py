@@ -191,14 +191,14 @@ def _store_lengths(store: AnnotationStore, rows: np.ndarray, counter: TokenCount
         length = np.full(len(store), UNCOUNTED, np.int64) if length is None else np.array(length)
         full = np.zeros(len(store), np.int64) if full is None else np.array(full)
         missing = rows[length[rows] == UNCOUNTED]
-        retry: dict[int, int] = {}  # rows whose failure was transient: counted again next run
+        retry: list[int] = []  # rows whose failure was transient: counted again next run
         if len(missing):
             logger.info("counting the exact tokens of %d samples of %s with %d process(es) (cached for later runs)",
                         len(missing), store.source.describe(), workers)
             for row, count in count_jobs(counter, len(missing), StoreJobs(store, missing), workers,
                                          f"counting {store.source.name}", progress):
                 if count.kind in NOT_CACHED:
-                    retry[row] = count.full_length
+                    retry.append(row)
                     continue
                 length[row] = count.length if count.ok else BAD
                 full[row] = count.full_length
