@@ -238,3 +238,29 @@ def test_ranks_with_other_bins_stop_together():
     differ = ("the online packing bins differ between ranks (ranks [1] disagree with rank 0): their token counts "
               "differ, e.g. a media file readable on one node only")
     assert got == [(0, "abc", "same"), (0, "abd", differ), (1, "abc", "same"), (1, "abd", differ)]
+
+
+def test_a_count_that_failed_unexpectedly_is_not_cached(tokenizer, image_processor):
+    """An exception no check foresaw makes the sample weigh nothing in this run, and the next run counts it."""
+    from qwenvl.data.annotations import AnnotationSet
+    from qwenvl.data.packing import count_lengths
+    from qwenvl.data.token_count import TokenCounter
+
+    class FailsOnce(TokenCounter):
+        def count(self, sample, data_path="", annotation_path="", index=0):
+            if index == 2:
+                raise TypeError("no check foresaw this")
+            return super().count(sample, data_path, annotation_path, index)
+
+    cfg = VisionConfig.from_image_processor(image_processor, PIXELS["min_pixels"], PIXELS["max_pixels"])
+    args = DataArguments(dataset_use="demo_grounding", **PIXELS)
+    annotations = AnnotationSet("demo_grounding", seed=1)
+    for store in annotations.stores:  # start without cached counts for these settings
+        for path in Path(store.path).parent.glob(f"{Path(store.path).stem}.tokens-*"):
+            path.unlink()
+    failing = count_lengths(annotations, FailsOnce(tokenizer, args, cfg, 4096), 1, progress=False)
+    assert failing.counted == len(annotations) and failing.bad.tolist() == [2]
+    again = count_lengths(annotations, TokenCounter(tokenizer, args, cfg, 4096), 1, progress=False)
+    assert again.counted == 1 and again.bad.tolist() == []  # only the failed one counted again
+    lazy = LazySupervisedDataset(tokenizer, args, cfg, model_max_length=4096)
+    assert again.length.tolist() == [len(lazy[i]["input_ids"]) for i in range(len(lazy))]
