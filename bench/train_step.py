@@ -52,11 +52,9 @@ MFU_FORMULA = ("MFU = (6 * N_llm * real_tokens + 12 * layers * heads * head_dim 
                "without the causal halving; pads and activation recomputation not counted")
 
 # Published configs (config.json of the Hugging Face checkpoints), special token ids included.
-QWEN25_TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-                 "vision_end_token_id": 151653}
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2_5_vl_3b": {
-        "model_type": "qwen2_5_vl", **QWEN25_TOKENS, "tie_word_embeddings": True,
+        "model_type": "qwen2_5_vl", "tie_word_embeddings": True,
         "text_config": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008,
                         "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2,
                         "hidden_act": "silu", "rms_norm_eps": 1e-6, "max_position_embeddings": 128000,
@@ -69,7 +67,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                           "tokens_per_second": 2, "hidden_act": "silu", "in_channels": 3},
     },
     "qwen2_5_vl_7b": {
-        "model_type": "qwen2_5_vl", **QWEN25_TOKENS, "tie_word_embeddings": False,
+        "model_type": "qwen2_5_vl", "tie_word_embeddings": False,
         "text_config": {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
                         "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                         "hidden_act": "silu", "rms_norm_eps": 1e-6, "max_position_embeddings": 128000,
@@ -82,7 +80,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                           "tokens_per_second": 2, "hidden_act": "silu", "in_channels": 3},
     },
     "qwen3_vl_4b": {
-        "model_type": "qwen3_vl", **QWEN25_TOKENS, "tie_word_embeddings": True,
+        "model_type": "qwen3_vl", "tie_word_embeddings": True,
         "text_config": {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
                         "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
                         "head_dim": 128, "hidden_act": "silu", "rms_norm_eps": 1e-6,
@@ -96,7 +94,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                           "in_channels": 3},
     },
     "qwen3_vl_8b": {
-        "model_type": "qwen3_vl", **QWEN25_TOKENS, "tie_word_embeddings": False,
+        "model_type": "qwen3_vl", "tie_word_embeddings": False,
         "text_config": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
                         "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
                         "head_dim": 128, "hidden_act": "silu", "rms_norm_eps": 1e-6,
@@ -112,23 +110,28 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 # Dense bf16 peak of the GPU (TFLOP/s), by a substring of its name.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
-FIRST_SPECIAL_ID = 151643  # ids below are ordinary BPE tokens in every Qwen vocabulary
 
 
 # ------------------------------------------------------------------ the model
-def build_config(shape: str, tiny_dir: str | None) -> Any:
-    """The model config of a shape: the tiny checkpoint's, or one of ``SHAPES``."""
+def build_config(shape: str, tiny_dir: str) -> Any:
+    """The model config of a shape: the tiny checkpoint's, or one of ``SHAPES`` with its vision token ids
+    looked up in the real Qwen tokenizer (the tiny checkpoint's) by the family."""
     import transformers
+
+    from qwenvl.models import family_for
 
     if shape == "tiny":
         return transformers.AutoConfig.from_pretrained(tiny_dir)
     kwargs = json.loads(json.dumps(SHAPES[shape]))  # a deep copy
     model_type = kwargs.pop("model_type")
+    ids = family_for(model_type).token_ids(transformers.AutoTokenizer.from_pretrained(tiny_dir))
+    kwargs.update(image_token_id=ids.image_pad, video_token_id=ids.video_pad, vision_start_token_id=ids.vision_start,
+                  vision_end_token_id=ids.vision_end)
     config_class = {"qwen2_5_vl": transformers.Qwen2_5_VLConfig, "qwen3_vl": transformers.Qwen3VLConfig}[model_type]
     return config_class(**kwargs)
 
 
-def build_model(shape: str, tiny_dir: str | None, device: str, dtype: Any, attn: str) -> Any:
+def build_model(shape: str, tiny_dir: str, device: str, dtype: Any, attn: str) -> Any:
     """A randomly initialised model of ``shape`` on ``device`` (the tiny one: its saved random weights)."""
     import torch
     import transformers
@@ -169,13 +172,14 @@ def step_flops(config: Any, n_params: int, sample_lengths: list[int]) -> float:
 
 
 # ------------------------------------------------------------------- the data
-def synthetic_items(config: Any, tokens: int, seed: int) -> list[dict]:
+def synthetic_items(config: Any, tokens: int, seed: int, ordinary: int) -> list[dict]:
     """Dataset-like items (input_ids, labels, position_ids, pixels) whose lengths sum to exactly ``tokens``.
 
     Lengths follow a long tail (log-normal around 300, clipped to 50-1500); about
     half the samples hold one image of 4x4 to 16x16 merged patches (16-256 tokens)
     after a short prompt; the last 40% of the text is the learned answer. The last
-    sample is a text-only filler of whatever length is left.
+    sample is a text-only filler of whatever length is left. Text ids are drawn below ``ordinary``
+    (the tokenizer's ordinary BPE vocabulary; special tokens come after it).
     """
     import numpy as np
     import torch
@@ -198,7 +202,7 @@ def synthetic_items(config: Any, tokens: int, seed: int) -> list[dict]:
             length, grid = tokens - used, None
         image_tokens = grid[1] * grid[2] // merge**2 if grid else 0
         text = length - image_tokens - (2 if grid else 0)
-        ids = torch.from_numpy(rng.integers(0, FIRST_SPECIAL_ID, size=length)).long()
+        ids = torch.from_numpy(rng.integers(0, ordinary, size=length)).long()
         labels = torch.full((length,), -100, dtype=torch.long)
         answer = max(1, int(0.4 * text)) if length > 1 else 0
         if answer:
@@ -247,6 +251,7 @@ def _rss_bytes() -> int:
 def run_row(row: dict) -> dict:
     """Train ``row["steps"]`` (+ warmup) steps in this process and measure them."""
     import torch
+    import transformers
 
     from qwenvl.train.loss import compute_lm_loss
 
@@ -265,9 +270,10 @@ def run_row(row: dict) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                   fused=True if cuda else None, foreach=None if cuda else False)
     pad_id = config.get_text_config().pad_token_id or 0
+    ordinary = transformers.AutoTokenizer.from_pretrained(row["tiny_dir"]).vocab_size
     steps = []
     for step in range(row["warmup"] + row["steps"]):
-        items = synthetic_items(config, row["tokens"], seed=step)
+        items = synthetic_items(config, row["tokens"], seed=step, ordinary=ordinary)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(items, row["mode"], pad_id).items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
@@ -421,11 +427,10 @@ def main(argv: list[str] | None = None) -> None:
           f"after {args.warmup} warmup, {args.threads if not cuda else '-'} threads per CPU row", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tiny_dir = None
-        if "tiny" in shapes:
-            from tools.build_tiny_model import build_tiny_model
+        from tools.build_tiny_model import build_tiny_model
 
-            tiny_dir = str(build_tiny_model(Path(tmp) / "tiny", model_type="qwen2_5_vl", seed=0))
+        # The tiny checkpoint, also for the real shapes: its tokenizer (the real Qwen one) gives the token ids.
+        tiny_dir = str(build_tiny_model(Path(tmp) / "tiny", model_type="qwen2_5_vl", seed=0))
         for shape in shapes:
             if shape != "tiny" and shape not in SHAPES:
                 raise ValueError(f"shape should be tiny or one of {list(SHAPES)} but found {shape!r}")

@@ -71,6 +71,22 @@ def image_processor(tiny_model_dir):
     return load_image_processor(str(tiny_model_dir))
 
 
+FOUR_DEMO_KINDS = ("demo_single_image", "demo_text_only", "demo_multi_image", "demo_grounding")
+
+
+def demo_items(tokenizer, image_processor, names: tuple[str, ...]) -> list[dict]:
+    """The first sample of each named demo dataset, built by ``LazySupervisedDataset`` (pixels 16-64 x 28 x 28)."""
+    from qwenvl.data.data_qwen import LazySupervisedDataset
+    from qwenvl.data.vision import VisionConfig
+    from qwenvl.train.argument import DataArguments
+
+    cfg = VisionConfig.from_image_processor(image_processor, 16 * 28 * 28, 64 * 28 * 28)
+    dataset = LazySupervisedDataset(tokenizer, DataArguments(dataset_use=",".join(sorted(set(names)))), cfg,
+                                    model_max_length=4096)
+    first = {r.dataset: i for i, r in reversed(list(enumerate(dataset.refs)))}
+    return [dataset[first[name]] for name in names]
+
+
 def python_env() -> dict:
     """Environment for subprocesses (torchrun, tools): repo importable, offline."""
     env = dict(os.environ)

@@ -36,15 +36,12 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # `python tools/infer.py` from a checkout
     sys.path.insert(0, str(_REPO_ROOT))
 
-from qwenvl.data import data_list  # noqa: E402
 from qwenvl.data.chat import (  # noqa: E402
     IMAGE_TAG,
     ChatEncoder,
     Conversation,
-    load_annotations,
     parse_conversation,
     sample_images,
-    sample_indices,
     sample_videos,
 )
 from qwenvl.data.video import load_video_plan  # noqa: E402
@@ -52,6 +49,7 @@ from qwenvl.data.vision import VisionConfig, num_vision_tokens, open_image, proc
 from qwenvl.models import VisionSettings, family_for  # noqa: E402
 from qwenvl.models.loading import load_image_processor  # noqa: E402
 from qwenvl.train.argument import DataArguments, PixelCount  # noqa: E402
+from tools.common import ToolInput, resolve_inputs  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -283,18 +281,22 @@ def accuracy_table(predictions: Sequence[Prediction], ignore_case: bool = False,
     return "\n".join(lines)
 
 
-def annotation_sources(args: argparse.Namespace) -> list[tuple[str, str, str, list[int]]]:
-    """(source name, annotation path, data path, sample indices) for --annotation or --dataset."""
+def annotation_inputs(args: argparse.Namespace) -> list[ToolInput]:
+    """The sources of --annotation or --dataset, resolved and opened as training does (``%N`` by --seed).
+
+    Raises:
+        ValueError: what ``resolve_sources`` and ``open_store`` raise (unknown name, unreadable file, ...),
+            or a JSONL line that does not parse (naming the file and line).
+    """
     if args.annotation:
         data_path = args.data_path if args.data_path is not None else str(Path(args.annotation).parent)
-        records = load_annotations(args.annotation)
-        return [(Path(args.annotation).name, args.annotation, data_path, list(range(len(records))))]
-    sources = []
-    for config in data_list(args.dataset.split(",")):
-        records = load_annotations(config["annotation_path"])
-        kept = sample_indices(len(records), config["sampling_rate"], args.seed, config["name"])
-        sources.append((config["name"], config["annotation_path"], config["data_path"], kept))
-    return sources
+        inputs = resolve_inputs([args.annotation], data_path)
+    else:
+        inputs = resolve_inputs(args.dataset.split(","), args.data_path or "")
+    for item in inputs:
+        item.open(args.seed)
+        item.store.check_bad_lines()  # a JSONL line that does not parse: "{path}:{line}: invalid JSON line: ..."
+    return inputs
 
 
 def main(argv: list[str] | None = None) -> list[Prediction]:
@@ -304,11 +306,13 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
     parser.add_argument("--base_model", default=None, help="base of a LoRA adapter (default: from its config)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--annotation", help="annotation file (.json list or .jsonl)")
-    what.add_argument("--dataset", help="registry names, as --dataset_use (name%%N keeps a seeded N%%)")
+    what.add_argument("--dataset", help="what --dataset_use takes: registry names, annotation files, Hugging Face "
+                                        "datasets (name%%N keeps a seeded N%%)")
     what.add_argument("--image", action="append", help="image for --prompt (repeat for several)")
     what.add_argument("--text_only", action="store_true", help="answer --prompt without media")
     parser.add_argument("--prompt", help="question for --image / --text_only (<image> tags added if missing)")
-    parser.add_argument("--data_path", default=None, help="media folder of --annotation (default: its folder)")
+    parser.add_argument("--data_path", default=None, help="media folder of --annotation (default: its folder) or of "
+                                                          "--dataset entries given by path")
     parser.add_argument("--max_samples", type=int, default=None, help="answer at most this many samples per source")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--ignore_case", action="store_true", help="compare answers case-insensitively")
@@ -338,13 +342,14 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
         return [Prediction("prompt", 0, answer, None)]
 
     predictions = []
-    for source, annotation_path, data_path, indices in annotation_sources(args):
-        records = load_annotations(annotation_path)
-        for index in indices[:args.max_samples]:
+    for item in annotation_inputs(args):
+        source = Path(item.annotation_path).name if args.annotation else item.name
+        for index in item.indices[:args.max_samples].tolist():
             try:
-                prediction, reference = predictor.answer_sample(records[index], data_path, args.max_new_tokens)
+                prediction, reference = predictor.answer_sample(item.store[index], item.data_path,
+                                                                args.max_new_tokens)
             except ValueError as exc:
-                raise ValueError(f"{annotation_path}:{index}: {exc}") from None
+                raise ValueError(f"{item.annotation_path}:{index}: {exc}") from None
             predictions.append(Prediction(source, index, prediction, reference))
     print(accuracy_table(predictions, ignore_case=args.ignore_case))
     if args.output:

@@ -14,11 +14,9 @@ import transformers
 from qwenvl.data.data_qwen import (
     DataCollatorForSupervisedDataset,
     FlattenedDataCollatorForSupervisedDataset,
-    LazySupervisedDataset,
 )
-from qwenvl.data.vision import VisionConfig
-from qwenvl.train.argument import DataArguments
 from qwenvl.train.loss import compute_lm_loss
+from tests.conftest import FOUR_DEMO_KINDS, demo_items
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device: run `bash scripts/gpu_checks.sh` on a GPU machine")
@@ -27,13 +25,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.fixture(scope="module")
 def items(tokenizer, image_processor):
     """Four demo samples: one image, text only, two images, grounding."""
-    cfg = VisionConfig.from_image_processor(image_processor, 16 * 28 * 28, 64 * 28 * 28)
-    dataset = LazySupervisedDataset(tokenizer, DataArguments(dataset_use="demo_single_image,demo_multi_image,"
-                                                             "demo_text_only,demo_grounding"), cfg,
-                                    model_max_length=4096)
-    first = {r.dataset: i for i, r in reversed(list(enumerate(dataset.refs)))}
-    return [dataset[first[name]] for name in ("demo_single_image", "demo_text_only", "demo_multi_image",
-                                              "demo_grounding")]
+    return demo_items(tokenizer, image_processor, FOUR_DEMO_KINDS)
 
 
 def on_cuda(batch: dict) -> dict:

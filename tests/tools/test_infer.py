@@ -175,6 +175,25 @@ def test_bad_sample_names_file_and_index(tiny_model_dir, tmp_path):
               "--max_new_tokens", "2", *PIXEL_FLAGS])
 
 
+def test_dataset_entries_are_read_like_dataset_use(tiny_model_dir, tmp_path):
+    """--dataset takes what --dataset_use takes (here a JSONL path), %N keeps training's subset, and a JSONL
+    line that does not parse is named before anything is answered."""
+    from qwenvl.data.chat import sample_indices
+
+    samples = [{"conversations": [{"from": "human", "value": f"Say {n}."}, {"from": "gpt", "value": str(n)}]}
+               for n in range(8)]
+    path = tmp_path / "texts.jsonl"
+    path.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+    predictions = main(["--model", str(tiny_model_dir), "--dataset", f"{path}%50", "--max_new_tokens", "1",
+                        *PIXEL_FLAGS])
+    assert [p.index for p in predictions] == sorted(sample_indices(8, 0.5, 42, str(path)))
+    assert [p.reference for p in predictions] == [str(p.index) for p in predictions]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(samples[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=rf"{broken}:2: invalid JSON line"):
+        main(["--model", str(tiny_model_dir), "--dataset", str(broken), "--max_new_tokens", "1", *PIXEL_FLAGS])
+
+
 def test_lora_folder_answers_like_its_merged_checkpoint(tiny_model_dir, tokenizer, tmp_path, capsys):
     args = TrainingArguments(output_dir=str(tmp_path), lora_enable=True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
                              use_cpu=True, report_to=[])

@@ -12,11 +12,9 @@ import transformers
 from qwenvl.data.data_qwen import (
     DataCollatorForSupervisedDataset,
     FlattenedDataCollatorForSupervisedDataset,
-    LazySupervisedDataset,
 )
-from qwenvl.data.vision import VisionConfig
-from qwenvl.train.argument import DataArguments
 from qwenvl.train.attention import SDPA_PACKED, sample_bounds
+from tests.conftest import demo_items
 
 
 def test_sample_bounds():
@@ -27,13 +25,8 @@ def test_sample_bounds():
 
 @pytest.fixture(scope="module")
 def items(tokenizer, image_processor):
-    cfg = VisionConfig.from_image_processor(image_processor, 16 * 28 * 28, 64 * 28 * 28)
-    dataset = LazySupervisedDataset(tokenizer, DataArguments(dataset_use="demo_single_image,demo_multi_image,"
-                                                             "demo_text_only,demo_video"), cfg,
-                                    model_max_length=4096)
-    first = {r.dataset: i for i, r in reversed(list(enumerate(dataset.refs)))}
-    return [dataset[first[name]] for name in ("demo_single_image", "demo_text_only", "demo_multi_image",
-                                              "demo_video")]
+    return demo_items(tokenizer, image_processor, ("demo_single_image", "demo_text_only", "demo_multi_image",
+                                                   "demo_video"))
 
 
 def load(model_dir, attn):

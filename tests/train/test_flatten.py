@@ -13,21 +13,13 @@ import transformers
 from qwenvl.data.data_qwen import (
     DataCollatorForSupervisedDataset,
     FlattenedDataCollatorForSupervisedDataset,
-    LazySupervisedDataset,
 )
-from qwenvl.data.vision import VisionConfig
-from qwenvl.train.argument import DataArguments
+from tests.conftest import FOUR_DEMO_KINDS, demo_items
 
 
 @pytest.fixture(scope="module")
 def items(tokenizer, image_processor):
-    cfg = VisionConfig.from_image_processor(image_processor, 16 * 28 * 28, 64 * 28 * 28)
-    dataset = LazySupervisedDataset(tokenizer, DataArguments(dataset_use="demo_single_image,demo_multi_image,"
-                                                             "demo_text_only,demo_grounding"), cfg,
-                                    model_max_length=4096)
-    refs = {r.dataset: i for i, r in reversed(list(enumerate(dataset.refs)))}
-    picks = [refs["demo_single_image"], refs["demo_text_only"], refs["demo_multi_image"], refs["demo_grounding"]]
-    return [dataset[i] for i in picks]
+    return demo_items(tokenizer, image_processor, FOUR_DEMO_KINDS)
 
 
 def loss_and_grads(model, batch):

@@ -21,12 +21,9 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from qwenvl.data.data_qwen import (
     DataCollatorForSupervisedDataset,
     FlattenedDataCollatorForSupervisedDataset,
-    LazySupervisedDataset,
     placeholder_batch,
 )
 from qwenvl.data.data_qwen_packed import PackedDataCollatorForSupervisedDataset
-from qwenvl.data.vision import VisionConfig
-from qwenvl.train.argument import DataArguments
 from qwenvl.train.loss import (
     compute_lm_loss,
     linear_cross_entropy,
@@ -34,6 +31,7 @@ from qwenvl.train.loss import (
     shift_and_select,
     unwrap_model,
 )
+from tests.conftest import FOUR_DEMO_KINDS, demo_items
 
 CHUNK = 16  # the demo batches have 40 labelled positions: several slices each
 ATOL = 1e-5
@@ -42,13 +40,7 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def items(tokenizer, image_processor):
     """Four demo samples: one image, text only, two images, grounding."""
-    cfg = VisionConfig.from_image_processor(image_processor, 16 * 28 * 28, 64 * 28 * 28)
-    dataset = LazySupervisedDataset(tokenizer, DataArguments(dataset_use="demo_single_image,demo_multi_image,"
-                                                             "demo_text_only,demo_grounding"), cfg,
-                                    model_max_length=4096)
-    first = {r.dataset: i for i, r in reversed(list(enumerate(dataset.refs)))}
-    picks = [first["demo_single_image"], first["demo_text_only"], first["demo_multi_image"], first["demo_grounding"]]
-    return [dataset[i] for i in picks]
+    return demo_items(tokenizer, image_processor, FOUR_DEMO_KINDS)
 
 
 def load_model(model_dir) -> transformers.Qwen2_5_VLForConditionalGeneration:
@@ -340,13 +332,7 @@ def _zero3_worker(model_dir: str, out_dir: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank = int(os.environ["RANK"])
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    cfg = VisionConfig.from_image_processor(load_image_processor(model_dir), 16 * 28 * 28, 64 * 28 * 28)
-    dataset = LazySupervisedDataset(tokenizer, DataArguments(dataset_use="demo_single_image,demo_multi_image,"
-                                                             "demo_text_only,demo_grounding"), cfg,
-                                    model_max_length=4096)
-    first = {r.dataset: i for i, r in reversed(list(enumerate(dataset.refs)))}
-    picks = [first["demo_single_image"], first["demo_text_only"], first["demo_multi_image"], first["demo_grounding"]]
-    items = [dataset[i] for i in picks]
+    items = demo_items(tokenizer, load_image_processor(model_dir), FOUR_DEMO_KINDS)
     # Both ranks' batches hold images (the tower runs once on each); rank 1's is four times longer.
     batch = FlattenedDataCollatorForSupervisedDataset()(items[:1] if rank == 0 else items)
     count = torch.tensor(labelled(batch))
