@@ -221,6 +221,13 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"train_qwen.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    close_distributed()
+
+
+def close_distributed() -> None:
+    """Destroy the process group, if any, before the interpreter exits: gloo's and NCCL's threads torn down
+    by interpreter exit can abort the process ("terminate called without an active exception") after a run
+    that succeeded. Every launcher of ``train()`` (this file's ``main``, test workers) ends with it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 import qwenvl.data as registry
 from qwenvl.data import data_qwen
-from qwenvl.train.train_qwen import train
+from qwenvl.train.train_qwen import close_distributed, train
 
 registry_json, model_dir, seen_dir = sys.argv[1:4]
 with open(registry_json) as handle:
@@ -40,3 +40,4 @@ def recording_collate(self, instances):
 
 data_qwen.DataCollatorForSupervisedDataset.__call__ = recording_collate
 train(sys.argv[4:])
+close_distributed()

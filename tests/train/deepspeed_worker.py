@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from qwenvl.train.train_qwen import train  # noqa: E402
+from qwenvl.train.train_qwen import close_distributed, train  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -27,3 +27,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    close_distributed()

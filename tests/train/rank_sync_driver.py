@@ -59,6 +59,7 @@ from qwenvl.train.argument import DataArguments, TrainingArguments  # noqa: E402
 from qwenvl.train.distributed import init_deepspeed_distributed  # noqa: E402
 from qwenvl.train.guards import NonFiniteError  # noqa: E402
 from qwenvl.train.trainer import QwenVLTrainer, find_submodule  # noqa: E402
+from qwenvl.train.train_qwen import close_distributed  # noqa: E402
 
 STEPS = 10
 LEARNING_RATE = 0.1
@@ -274,3 +275,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    close_distributed()
