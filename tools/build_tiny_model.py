@@ -1,4 +1,4 @@
-"""Write a tiny, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense or MoE) checkpoint.
+"""Write a tiny, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense or MoE) or LLaVA-1.5 checkpoint.
 
 The folder has the same files and structure as a released checkpoint (config,
 safetensors weights, generation config, the real Qwen tokenizer, the family's
@@ -14,6 +14,11 @@ Usage:
     python tools/build_tiny_model.py --output_dir /tmp/tiny-qwen2.5-vl
     python tools/build_tiny_model.py --output_dir /tmp/tiny-qwen2-vl --model_type qwen2_vl --seed 1
     python tools/build_tiny_model.py --output_dir /tmp/tiny-qwen3-vl-moe --model_type qwen3_vl_moe
+    python tools/build_tiny_model.py --output_dir /tmp/tiny-llava --model_type llava
+
+LLaVA (an HF-processor family): a tiny CLIP tower + Qwen2 LLM, the Qwen tokenizer plus ``<image>``, and a
+``LlavaProcessor`` (the PIL ``CLIPImageProcessorPil``, so no torchvision is needed) saved as
+``processor_config.json`` with the chat template: ``AutoProcessor.from_pretrained`` loads it.
 """
 
 from __future__ import annotations
@@ -158,7 +163,7 @@ def build_tiny_model(output_dir: str | Path, model_type: str = "qwen2_5_vl", see
 
     Args:
         output_dir (str | Path): folder to write; created if missing, existing files overwritten.
-        model_type (str): "qwen2_5_vl" (default), "qwen2_vl", "qwen3_vl" or "qwen3_vl_moe".
+        model_type (str): "qwen2_5_vl" (default), "qwen2_vl", "qwen3_vl", "qwen3_vl_moe" or "llava".
         seed (int): seed for the random weights.
 
     Returns:
@@ -187,6 +192,10 @@ def build_tiny_model(output_dir: str | Path, model_type: str = "qwen2_5_vl", see
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     token_ids = _special_token_ids(tokenizer)
 
+    if family.uses_processor_items:  # its processor expands the family's image token: the tokenizer must know it
+        tokenizer.add_special_tokens({"additional_special_tokens": [family.tokens.image]})
+        token_ids["image_token_id"] = family.tokens.image_id(tokenizer)
+
     config = AutoConfig.for_model(model_type, **family.tiny_config_kwargs(token_ids))
     model_class = family.model_class()
     with torch.random.fork_rng(devices=[]):
@@ -200,6 +209,9 @@ def build_tiny_model(output_dir: str | Path, model_type: str = "qwen2_5_vl", see
     )
     model.save_pretrained(output_dir)  # config.json, generation_config.json, model.safetensors
 
+    if family.uses_processor_items:  # tokenizer (with the image token), chat template and PIL image processor
+        family.tiny_processor(tokenizer).save_pretrained(output_dir)
+        return output_dir
     _write_json(output_dir / "preprocessor_config.json", family.tiny_preprocessor_config())
     video_config = family.tiny_video_preprocessor_config()
     if video_config is not None:

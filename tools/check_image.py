@@ -256,7 +256,8 @@ def load_validator(args: argparse.Namespace) -> SampleValidator:
         tokenizer, vision_config = checkpoint.tokenizer, checkpoint.vision_config
         family, settings = checkpoint.family, checkpoint.settings
     else:
-        vision_config = VisionConfig(min_pixels=int(data_args.min_pixels), max_pixels=int(data_args.max_pixels))
+        vision_config = VisionConfig(min_pixels=int(data_args.min_pixels), max_pixels=int(data_args.max_pixels),
+                                     resize_mode=data_args.image_resize_mode, max_size=data_args.image_max_size)
     return SampleValidator(vision_config, data_args, tokenizer,
                            model_max_length=args.model_max_length if tokenizer is not None else None,
                            io_retries=args.io_retries, family=family, settings=settings)

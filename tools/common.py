@@ -31,8 +31,9 @@ from qwenvl.train.argument import DataArguments, PixelCount
 
 # DataArguments flags that change how media become tokens; the tools take them with training's names and defaults.
 MEDIA_FLAGS = ("max_pixels", "min_pixels", "base_interval", "video_max_frames", "video_min_frames",
-               "video_max_frame_pixels", "video_min_frame_pixels", "video_fps", "video_max_pixels", "video_min_pixels")
-_FLAG_TYPES = {"PixelCount": PixelCount, "int": int, "float": float}
+               "video_max_frame_pixels", "video_min_frame_pixels", "video_fps", "video_max_pixels", "video_min_pixels",
+               "image_resize_mode", "image_max_size", "video_max_duration")
+_FLAG_TYPES = {"PixelCount": PixelCount, "int": int, "float": float, "str": str}
 _SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")  # stripped from an input's name to name its outputs
 
 
@@ -84,7 +85,9 @@ def load_checkpoint(path: str, data_args: DataArguments) -> Checkpoint:
         raise ValueError(f"{path}: no config.json; --model_name_or_path must be a Qwen-VL checkpoint folder")
     family = family_for(config)
     processor = load_image_processor(path)
-    vision_config = VisionConfig.from_image_processor(processor, data_args.min_pixels, data_args.max_pixels)
+    vision_config = VisionConfig.from_image_processor(processor, data_args.min_pixels, data_args.max_pixels,
+                                                      getattr(data_args, "image_resize_mode", "keep_aspect"),
+                                                      getattr(data_args, "image_max_size", None))
     return Checkpoint(AutoTokenizer.from_pretrained(path), vision_config, family, family.vision_settings(path))
 
 

@@ -27,10 +27,15 @@ Inputs and outputs:
     are not detected; pass ``--recount`` then.
 
 Train on the result: ``--registry_file my_registry.yaml`` (or ``.json``) adds or updates its entry
-there, named after the output file, e.g.
-    single_image_pack: {annotation_path: /abs/demo/single_image_pack.json, data_path: /abs/demo}
+there, named ``<registry name>_pack`` for an input named from the registry (``%50``:
+``<name>_50pct_pack``), else after the output file, e.g. for ``demo_single_image``
+    demo_single_image_pack: {annotation_path: /abs/demo/single_image_pack.json, data_path: /abs/demo}
 then train with ``--dataset_registry my_registry.yaml --data_packing True --dataset_use
-single_image_pack``. Without ``--registry_file`` the tool prints that entry and the flags.
+demo_single_image_pack``. Without ``--registry_file`` the tool prints that entry and the flags. When
+the packed file lies in its media folder (the annotation file sits in its data_path, or the
+inputs have no media), ``--data_packing True --dataset_use /abs/path/x_pack.json`` works too, with
+no entry: a file given by path has its media relative to its own folder; the tool says which
+applies.
 
 Counts are exact: ``count == len(LazySupervisedDataset(...)[i]["input_ids"])`` for the same flags
 (see ``qwenvl/data/token_count.py``); image sizes come from file headers, videos from container
@@ -62,6 +67,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # `python tools/pack_data.py` from a checkout
     sys.path.insert(0, str(_REPO_ROOT))
 
+from qwenvl.data import data_dict  # noqa: E402
 from qwenvl.data.packing import (  # noqa: E402,F401 - first_fit_decreasing: also imported from here (bench)
     NOT_CACHED,
     StoreJobs,
@@ -363,14 +369,38 @@ def report(result: PackResult, pack_length: int, model_max_length: int, oversize
     return "\n".join(lines)
 
 
-def registry_entry(output: Path, data_path: str) -> tuple[str, dict[str, str]]:
-    """(name, entry) of a packed file for a registry file: absolute paths, named after the file.
+def pack_name(output: Path, members: list[PackedSource]) -> str:
+    """The registry name of a packed file: ``<registry name>_pack`` (``my_dataset_50pct_pack`` for ``%50``) for
+    one input named from the registry, else the file's stem (``train_pack``).
+
+    Example:
+        >>> pack_name(Path("/d/train_pack.json"), [])  # inputs given by path, or --output
+        'train_pack'
+    """
+    if len(members) == 1 and members[0].name in data_dict and members[0].name != members[0].annotation_path:
+        source = members[0]
+        rate = f"_{source.sampling_rate * 100:g}pct" if source.sampling_rate < 1.0 else ""
+        return f"{source.name}{rate}_pack"
+    return output.name.removesuffix(".json")
+
+
+def usable_by_path(output: Path, data_path: str, has_media: bool) -> bool:
+    """Whether ``--dataset_use OUTPUT`` (the file's path, no registry entry) finds the media: a file given by path
+    has its media relative to its own folder, so that folder must be the inputs' ``data_path``."""
+    if not has_media:
+        return True
+    return bool(data_path) and os.path.abspath(data_path) == os.path.abspath(output.parent)
+
+
+def registry_entry(output: Path, data_path: str, name: str | None = None) -> tuple[str, dict[str, str]]:
+    """(name, entry) of a packed file for a registry file: absolute paths, named ``name`` (default: after the
+    file).
 
     Example:
         >>> registry_entry(Path("/d/train_pack.json"), "/d/media")
         ('train_pack', {'annotation_path': '/d/train_pack.json', 'data_path': '/d/media'})
     """
-    return output.name.removesuffix(".json"), {
+    return name or output.name.removesuffix(".json"), {
         "annotation_path": str(output.resolve()),
         "data_path": str(Path(data_path).resolve()) if data_path else "",
     }
@@ -410,15 +440,22 @@ def update_registry_file(path: Path, entries: dict[str, dict[str, str]]) -> None
     os.replace(tmp, path)
 
 
-def registry_snippet(output: Path, data_path: str) -> str:
-    """How to train on a packed file when no ``--registry_file`` was given: the entry and the flags."""
+def registry_snippet(output: Path, data_path: str, name: str | None = None, by_path: bool = False) -> str:
+    """How to train on a packed file when no ``--registry_file`` was given: the entry and the flags, and the
+    file's path as ``--dataset_use`` when that finds the media (``usable_by_path``)."""
     import yaml
 
-    name, entry = registry_entry(output, data_path)
+    name, entry = registry_entry(output, data_path, name)
     lines = yaml.safe_dump({name: entry}, sort_keys=False).rstrip("\n").split("\n")
-    return ("  registry entry (add it to a registry file, e.g. my_registry.yaml, or pass --registry_file "
+    text = ("  registry entry (add it to a registry file, e.g. my_registry.yaml, or pass --registry_file "
             "my_registry.yaml to have it written):\n" + "\n".join(f"    {line}" for line in lines) + "\n"
             f"  then train with: --dataset_registry my_registry.yaml --data_packing True --dataset_use {name}")
+    if by_path:
+        text += f"\n  or, without a registry entry: --data_packing True --dataset_use {output.resolve()}"
+    else:
+        text += (f"\n  (the file's path alone would not do: its media paths are relative to {data_path}, not to "
+                 f"{output.resolve().parent})")
+    return text
 
 
 # --------------------------------------------------------------------------- main
@@ -502,8 +539,9 @@ def main(argv: list[str] | None = None) -> list[PackResult]:
             raise SystemExit(f"error: no sample of {', '.join(result.sources)} can be packed; nothing written")
         write_json_atomic(output, groups)
         print(report(result, args.pack_length, args.model_max_length, args.oversize, args.show_problems))
+        name = pack_name(output, members)
         if args.registry_file:
-            name, entry = registry_entry(output, data_path)
+            name, entry = registry_entry(output, data_path, name)
             try:
                 update_registry_file(Path(args.registry_file), {name: entry})
             except ValueError as exc:
@@ -511,7 +549,8 @@ def main(argv: list[str] | None = None) -> list[PackResult]:
             print(f"  registered {name!r} in {args.registry_file}; train with: --dataset_registry "
                   f"{args.registry_file} --data_packing True --dataset_use {name}")
         else:
-            print(registry_snippet(output, data_path))
+            print(registry_snippet(output, data_path, name,
+                                   usable_by_path(output, data_path, any(m.has_media for m in members))))
         results.append(result)
     return results
 

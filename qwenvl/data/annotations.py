@@ -2,10 +2,20 @@
 
 Every rank and DataLoader worker of a node maps the same file, so the records live once in
 the OS page cache instead of once per process as Python objects (about 2.7 KB per sample).
-The file is built by one process per node (a file lock; the others wait) and renamed into
-place when complete; it is rebuilt when the source's files, the column mapping or this code
-change, and the build then removes the older stores of the same source (``remove_stale_stores``)
-unless a running process still reads them.
+The file is built by one process per node (a file lock; the others wait) and published when
+complete: written aside, synced, its ``.meta`` (row count, byte size) renamed into place before
+it, so a process killed while converting leaves a temporary that is never read (and is removed by
+the next build) and a store whose size is not its ``.meta``'s is rebuilt. It is rebuilt when the
+content of the source's files, the column mapping or this code change, and the build then removes
+the older stores of the same source (``remove_stale_stores``) unless a running process still reads
+them.
+
+The store is keyed on the files' content (sha256). Hashing a large file at every start would
+cost seconds, so ``{name}-{identity}.files.json`` keeps each file's hash with its stat signature
+(size, mtime, ctime, inode, device): while the signature is unchanged the hash is reused. A file
+edited and given its old mtime back (``os.utime``) still has a new ctime, which no user can set,
+so it is hashed again and seen; a ``touch`` or a copy of the same bytes is hashed again and finds
+its store (no conversion).
 
 Layout of ``{cache_dir}/{name}-{key}.arrow`` (Arrow IPC stream, readable with
 ``datasets.Dataset.from_file``), one row per sample in source order:
@@ -38,11 +48,13 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import glob
 import hashlib
 import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -82,7 +94,7 @@ from qwenvl.data.vision import media_file_problem
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the layout changes (the code hash below catches the rest)
+FORMAT_VERSION = 2  # bump when the layout changes (the code hash below catches the rest)
 CACHE_ENV = "QWENVL_ANNOTATION_CACHE"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "qwenvl", "annotations")
 ROWS_PER_BATCH = 8192
@@ -90,6 +102,9 @@ _INLINE = "$inline"  # placeholder {"$inline": k} for the k-th inline image of a
 _WS = re.compile(r"[ \t\n\r]*")
 _CODE_FILES = ("annotations.py", "sources.py", "chat.py")  # chat.py: JSONL lines, media counts
 _KEY_CHARS = 24  # hex characters of cache_key
+# A signature recorded less than this after its file last changed is not trusted (the file hashed
+# again): a change in the same timestamp tick as the recorded one would keep mtime and ctime.
+_RACY_NS = 2_000_000_000
 
 
 def default_cache_dir() -> str:
@@ -98,21 +113,25 @@ def default_cache_dir() -> str:
 
 
 # ------------------------------------------------------------------ cache key
-def fingerprint_file(path: str, probe: int = 1 << 20) -> list:
-    """What identifies a file's content cheaply: size, mtime (ns) and a hash of its first and last ``probe`` bytes.
+def file_signature(path: str) -> list[int]:
+    """What changes whenever a file's content may have: [size, mtime_ns, ctime_ns, inode, device].
 
-    Example:
-        >>> fingerprint_file("demo/text_only.jsonl")[0]
-        1197
+    ``ctime`` is set by the kernel at every write and at every ``os.utime``: an edit whose old mtime
+    was put back still changes it.
     """
     stat = os.stat(path)
-    digest = hashlib.sha256()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+
+
+def content_hash(path: str) -> str:
+    """sha256 of a file's bytes, hex (about 1.3 GB/s).
+
+    Example:
+        >>> len(content_hash("demo/text_only.jsonl"))
+        64
+    """
     with open(path, "rb") as handle:
-        digest.update(handle.read(probe))
-        if stat.st_size > probe:
-            handle.seek(max(probe, stat.st_size - probe))
-            digest.update(handle.read(probe))
-    return [stat.st_size, stat.st_mtime_ns, digest.hexdigest()[:32]]
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _code_hash() -> str:
@@ -132,6 +151,7 @@ def _identity(source: Source) -> dict[str, Any]:
         "split": source.split,
         "columns": sorted(source.columns.items()),
         "system_prompt": source.system_prompt,
+        **({"template": source.template} if source.template is not None else {}),
     }
 
 
@@ -145,24 +165,109 @@ def source_identity(source: Source) -> str:
     return hashlib.sha256(json.dumps(_identity(source), sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cache_key(source: Source) -> str:
-    """Hex key of a source's store: its files' fingerprints, kind, location, split, mapping and this code.
+def cache_key(source: Source, cache_dir: str | None = None) -> str:
+    """Hex key of a source's store: its files' content hashes, kind, location, split, mapping and this code.
 
     ``%N`` and the name are not part of it: the store holds every record, and subsets are
-    taken when it is opened.
+    taken when it is opened. The hashes come from ``file_hashes`` (reused while the files'
+    signatures are unchanged).
     """
-    probe = 1 << 20 if len(source.files) <= 16 else 1 << 16
+    files = [os.path.abspath(f) for f in source.files]
     material = {
         "code": _code_hash(),
         **_identity(source),
-        "files": [[os.path.abspath(f), *fingerprint_file(f, probe)] for f in source.files],
+        "files": [[f, h] for f, h in zip(files, file_hashes(source, cache_dir or default_cache_dir()))],
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:_KEY_CHARS]
 
 
 def store_path(source: Source, cache_dir: str | None = None) -> str:
     """Where the store of ``source`` lives: ``{cache_dir}/{readable name}-{cache_key}.arrow``."""
-    return os.path.join(cache_dir or default_cache_dir(), f"{_readable(source)}-{cache_key(source)}.arrow")
+    cache_dir = cache_dir or default_cache_dir()
+    return os.path.join(cache_dir, f"{_readable(source)}-{cache_key(source, cache_dir)}.arrow")
+
+
+def hashes_path(source: Source, cache_dir: str) -> str:
+    """Where the content hashes of ``source``'s files are kept with their signatures (``file_hashes``)."""
+    return os.path.join(cache_dir, f"{_readable(source)}-{source_identity(source)}.files.json")
+
+
+def file_hashes(source: Source, cache_dir: str) -> list[str]:
+    """The content hash of each of ``source``'s files, reused from ``hashes_path`` while their signatures hold.
+
+    A recorded hash is reused when the file's ``file_signature`` is the recorded one and the file
+    had last changed at least 2 s before that signature was taken (else a change within the same
+    timestamp tick could go unseen). Otherwise the files are hashed again, by one process per cache
+    folder (a file lock; a process killed while hashing leaves a lock the kernel has released), and
+    the record is replaced atomically.
+
+    Returns:
+        hex sha256 per file, in ``source.files`` order.
+    """
+    from filelock import FileLock
+
+    files = [os.path.abspath(f) for f in source.files]
+    path = hashes_path(source, cache_dir)
+    hashes = _recorded_hashes(path, files)
+    if hashes is not None:
+        return hashes
+    os.makedirs(cache_dir, exist_ok=True)
+    with FileLock(path + ".lock"):
+        hashes = _recorded_hashes(path, files)  # another process may have hashed them meanwhile
+        if hashes is not None:
+            return hashes
+        for leftover in glob.glob(glob.escape(path) + ".tmp-*"):  # of a killed process: none is written now
+            _remove_file(leftover)
+        checked_ns = time.time_ns()
+        signatures = [file_signature(f) for f in files]  # before reading: a later change alters them
+        hashes = [content_hash(f) for f in files]
+        record = {"checked_ns": checked_ns, "files": [[f, *sig, h] for f, sig, h in zip(files, signatures, hashes)]}
+        _publish_json(path, record)
+    return hashes
+
+
+def _recorded_hashes(path: str, files: list[str]) -> list[str] | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+        entries = {entry[0]: entry for entry in record["files"]}
+        hashes = []
+        for file in files:
+            entry = entries[file]
+            signature = file_signature(file)
+            if entry[1:6] != signature or max(signature[1], signature[2]) > record["checked_ns"] - _RACY_NS:
+                return None
+            hashes.append(entry[6])
+        return hashes
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _publish_json(path: str, record: dict[str, Any]) -> None:
+    """Write ``record`` to ``path`` atomically: a temporary of this process, synced, then renamed over it."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        _remove_file(temporary)
+
+
+def _sync_dir(directory: str) -> None:
+    """Make the renames in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
 
 
 def _readable(source: Source) -> str:
@@ -242,6 +347,8 @@ class _Writer:
     def close(self) -> None:
         self.flush()
         self.writer.close()
+        self.sink.flush()
+        os.fsync(self.sink.fileno())
         self.sink.close()
 
 
@@ -415,7 +522,11 @@ def _convert_hf(source: Source, writer: _Writer) -> None:
 
 
 def build_store(source: Source, path: str) -> None:
-    """Convert every record of ``source`` into the Arrow file ``path`` (written aside, then renamed).
+    """Convert every record of ``source`` into the Arrow file ``path``, published atomically.
+
+    Written into ``{path}.tmp-{pid}`` and synced; then the ``.meta`` (rows, byte size, identity) is
+    renamed into place, then the store: a kill at any point leaves either no store or a whole one
+    (``store_complete``), never a partial file under the store's name.
 
     A JSON list is read as a stream (one element at a time); a JSON file that is one object
     (or that the stream reader does not follow) is read whole by ``load_annotations``.
@@ -445,15 +556,27 @@ def build_store(source: Source, path: str) -> None:
         writer.close()
         if writer.rows == 0:
             raise SourceError(f"{source.describe()}: the dataset holds no samples")
-        with open(temporary + ".meta", "w", encoding="utf-8") as handle:
-            json.dump({"rows": writer.rows, "num_bad": writer.num_bad, "bad_rows": writer.bad_rows,
-                       "any_media": writer.any_media, "identity": source_identity(source)}, handle)
-        os.replace(temporary + ".meta", path + ".meta")  # before the store: a store never lacks its .meta
+        meta = {"rows": writer.rows, "bytes": os.path.getsize(temporary), "num_bad": writer.num_bad,
+                "bad_rows": writer.bad_rows, "any_media": writer.any_media, "identity": source_identity(source)}
+        _publish_json(path + ".meta", meta)  # before the store: a store never lacks its .meta
         os.replace(temporary, path)
+        _sync_dir(os.path.dirname(path) or ".")
     finally:
-        for leftover in (temporary, temporary + ".meta"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+        _remove_file(temporary)
+
+
+def store_complete(path: str) -> bool:
+    """Whether ``path`` is a whole store: its ``.meta`` parses and records the file's byte size.
+
+    A store cut short (a copy that stopped, a disk that filled, a crash before the data reached
+    the disk) fails this and is rebuilt instead of read.
+    """
+    try:
+        with open(path + ".meta", encoding="utf-8") as handle:
+            meta = json.load(handle)
+        return isinstance(meta, dict) and meta.get("bytes") == os.path.getsize(path)
+    except (OSError, ValueError):
+        return False
 
 
 def open_store(source: Source, cache_dir: str | None = None) -> "AnnotationStore":
@@ -487,7 +610,7 @@ def _built_store(source: Source, cache_dir: str | None) -> str:
     from filelock import FileLock, Timeout
 
     path = store_path(source, cache_dir)
-    if os.path.exists(path):
+    if store_complete(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     lock = FileLock(path + ".lock")
@@ -497,7 +620,10 @@ def _built_store(source: Source, cache_dir: str | None) -> str:
         logger.info("waiting for another process to convert %s into %s", source.describe(), path)
         lock.acquire()
     try:
-        if not os.path.exists(path):
+        if not store_complete(path):
+            if os.path.exists(path):
+                logger.warning("%s is not a whole store (its size is not the one its .meta records): rebuilding it",
+                               path)
             logger.info("converting %s into %s (once; later runs reuse it)", source.describe(), path)
             build_store(source, path)
             try:
@@ -550,7 +676,7 @@ def remove_stale_stores(source: Source, path: str) -> list[str]:
     identity = source_identity(source)
     store_name = re.compile(re.escape(_readable(source)) + r"-[0-9a-f]{%d}\.arrow" % _KEY_CHARS)
     names = sorted(os.listdir(directory))
-    removed = [os.path.join(directory, n) for n in names if n.startswith(f"{name}.tmp-")]
+    removed = [os.path.join(directory, n) for n in names if n.startswith((f"{name}.tmp-", f"{name}.meta.tmp-"))]
     for leftover in removed:
         _remove_file(leftover)
     for other in names:
@@ -647,6 +773,9 @@ class AnnotationStore:
         meta_path = self.path + ".meta"
         with open(meta_path, encoding="utf-8") as handle:
             meta = json.load(handle)
+        if self.table.num_rows != meta["rows"]:
+            raise ValueError(f"{self.path}: {self.table.num_rows} rows, its .meta records {meta['rows']}: a damaged "
+                             "store; delete it and its .meta to rebuild it")
         self.num_bad, self.bad_rows, self.any_media = meta["num_bad"], meta["bad_rows"], meta["any_media"]
         self._chunks = []  # per record batch: (offsets (n+1,) int64, data bytes)
         starts = [0]
@@ -733,8 +862,14 @@ class AnnotationStore:
         if array.shape != (len(self),):
             raise ValueError(f"save_lengths: expected {len(self)} values, got shape {array.shape}")
         temporary = f"{self.lengths_path(name)}.tmp-{os.getpid()}.npy"
-        np.save(temporary, array)
-        os.replace(temporary, self.lengths_path(name))
+        try:
+            with open(temporary, "wb") as handle:
+                np.save(handle, array)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.lengths_path(name))  # a reader sees the old array or the whole new one
+        finally:
+            _remove_file(temporary)
 
     def load_lengths(self, name: str) -> np.ndarray | None:
         """The array ``save_lengths(name, ...)`` stored (memory-mapped), or None."""

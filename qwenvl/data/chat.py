@@ -342,6 +342,8 @@ class ChatEncoder:
     Args:
         tokenizer (Any): the checkpoint's tokenizer.
         family (ModelFamily | None): the checkpoint's family; None = Qwen2.5-VL.
+        train_on_prompt (bool): learn the system and user turns too (``--train_on_prompt``); image and
+            video tokens (pads and their start/end markers) are never learned.
 
     Raises:
         ValueError: the tokenizer lacks one of the family's special tokens.
@@ -353,8 +355,9 @@ class ChatEncoder:
         4
     """
 
-    def __init__(self, tokenizer: Any, family: ModelFamily | None = None):
+    def __init__(self, tokenizer: Any, family: ModelFamily | None = None, train_on_prompt: bool = False):
         self.tokenizer = tokenizer
+        self.train_on_prompt = bool(train_on_prompt)
         self.family = family if family is not None else _default_family()
         self.token_ids: TokenIds = self.family.token_ids(tokenizer)
         self.system_prompt = self.family.default_system_prompt
@@ -372,7 +375,12 @@ class ChatEncoder:
     def settings(self) -> dict[str, Any]:
         """What the encoding depends on besides the tokenizer's vocabulary (cache key material)."""
         return {"model_type": self.family.model_type, "token_ids": asdict(self.token_ids),
-                "system_prompt": self.system_prompt}
+                "system_prompt": self.system_prompt, "train_on_prompt": self.train_on_prompt}
+
+    def vision_token_ids(self) -> list[int]:
+        """Ids that stand for images and videos (pads, start/end markers): never learned."""
+        ids = self.token_ids
+        return [ids.vision_start, ids.vision_end, ids.image_pad, ids.video_pad]
 
     def _encode_texts(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -400,7 +408,8 @@ class ChatEncoder:
 
         Returns:
             tuple[np.ndarray, np.ndarray]: input_ids and labels, (L,) int64; labels are -100
-            outside the assistant answers (answer + ``<|im_end|>`` + ``\\n`` are learned).
+            outside the assistant answers (answer + ``<|im_end|>`` + ``\\n`` are learned); with
+            ``train_on_prompt`` every token is learned except the image and video tokens.
 
         Raises:
             ValueError: tag counts differ from media counts, or a family that writes
@@ -427,14 +436,17 @@ class ChatEncoder:
         encoded = self._encode_texts(texts)
         ids = np.fromiter((t for turn in encoded for t in turn), dtype=np.int64)
         labels = ids.copy()
-        start = 0
-        for (role, _), turn_ids in zip([("system", "")] + conversation.turns, encoded):
-            end = start + len(turn_ids)
-            if role == "assistant":
-                labels[start:start + self.assistant_prefix_len] = IGNORE_INDEX
-            else:
-                labels[start:end] = IGNORE_INDEX
-            start = end
+        if self.train_on_prompt:
+            labels[np.isin(ids, self.vision_token_ids())] = IGNORE_INDEX
+        else:
+            start = 0
+            for (role, _), turn_ids in zip([("system", "")] + conversation.turns, encoded):
+                end = start + len(turn_ids)
+                if role == "assistant":
+                    labels[start:start + self.assistant_prefix_len] = IGNORE_INDEX
+                else:
+                    labels[start:end] = IGNORE_INDEX
+                start = end
         repeats = np.ones(len(ids), dtype=np.int64)
         for pad_id, counts, tag, items in (
             (self.image_pad_id, list(image_token_counts), IMAGE_TAG, len(image_token_counts)),

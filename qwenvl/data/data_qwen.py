@@ -43,6 +43,7 @@ from qwenvl.data.chat import (  # noqa: F401 - re-exported: users and tools impo
     sample_indices,
     sample_videos,
 )
+from qwenvl.data.hf_items import ProcessorDataCollator, ProcessorItemBuilder
 from qwenvl.data.token_count import TokenCounter
 from qwenvl.data.validation import check_record, load_video_checked, unexpected_reason, with_io_retries
 from qwenvl.data.vision import (
@@ -98,6 +99,9 @@ class LazySupervisedDataset(Dataset):
         vision_settings: the checkpoint's processor settings (``family.vision_settings(path)``),
             the defaults of ``--video_min_pixels``/``--video_max_pixels`` for Qwen3-VL; None =
             the family's released defaults.
+        processor: the checkpoint's ``AutoProcessor``; required by (and only used for) the HF-processor
+            families (``family.uses_processor_items``, e.g. LLaVA), whose items it builds
+            (``qwenvl/data/hf_items.py``).
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class LazySupervisedDataset(Dataset):
         io_backoff: float = 0.5,
         family: ModelFamily | None = None,
         vision_settings: VisionSettings | None = None,
+        processor: Any = None,
     ):
         super().__init__()
         if bad_sample_policy not in ("error", "skip"):
@@ -128,7 +133,15 @@ class LazySupervisedDataset(Dataset):
         self.model_type = self.family.model_type
         self.vision_settings = vision_settings
         self.tokenizer, self.seed = tokenizer, seed
-        self.encoder = ChatEncoder(tokenizer, self.family)
+        train_on_prompt = getattr(data_args, "train_on_prompt", False)
+        self.processor_items: ProcessorItemBuilder | None = None
+        if self.family.uses_processor_items:  # the checkpoint's processor renders and expands (hf_items.py)
+            if processor is None:
+                raise ValueError(f"the {self.family.model_type} family builds its items with the checkpoint's "
+                                 f"processor: pass processor=AutoProcessor.from_pretrained(checkpoint)")
+            self.processor_items = ProcessorItemBuilder(processor, self.family, train_on_prompt)
+        else:
+            self.encoder = ChatEncoder(tokenizer, self.family, train_on_prompt=train_on_prompt)
         self._exact: Lengths | None = None
         self.tokens_per_second = tokens_per_second
         self.model_max_length = model_max_length
@@ -280,6 +293,8 @@ class LazySupervisedDataset(Dataset):
         except BadSampleError as exc:
             raise self.bad(i, exc.reason, exc.kind) from None
         conversation, images, videos = checked.conversation, checked.images, checked.videos
+        if self.processor_items is not None:
+            return self.processor_item(i, conversation, images, videos)
         image_pixels, image_grids = self.load_images(i, images)
         video_pixels, plans = self.load_videos(i, videos) if videos else ([], [])
         video_grids = [plan.grid_thw for plan in plans]
@@ -316,6 +331,27 @@ class LazySupervisedDataset(Dataset):
             if self.family.uses_second_per_grid_ts:
                 item["second_per_grid_ts"] = seconds
         return item
+
+    def processor_item(self, i: int, conversation: Conversation, images: list, videos: list) -> dict[str, Any]:
+        """The example of an HF-processor family: ``ProcessorItemBuilder.build`` on the decoded images.
+
+        Raises:
+            BadSampleError: a video (these families train on images), an image that does not open, or the
+                builder's ``SampleError``.
+        """
+        if videos:
+            raise self.bad(i, f"{len(videos)} video(s), but the {self.family.model_type} family takes images only",
+                           "unsupported_media")
+        opened = []
+        for number, source in enumerate(images):
+            try:
+                opened.append(open_image(source, self.refs[i].data_path))
+            except ImageError as exc:
+                raise self.bad(i, f"image {number}: {exc}", exc.kind) from None
+        try:
+            return self.processor_items.build(conversation, opened, self.model_max_length)
+        except SampleError as exc:
+            raise self.bad(i, exc.reason, exc.kind) from None
 
     def truncate(self, i: int, input_ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cut a too-long sample on text only; refuse to cut through a vision block (``fit_max_length``)."""
@@ -752,6 +788,7 @@ def make_supervised_data_module(
     tokens_per_second: float = 2,
     family: ModelFamily | None = None,
     vision_settings: VisionSettings | None = None,
+    processor: Any = None,
 ) -> dict[str, Any]:
     """Train dataset, optional eval dataset and the collator the flags ask for.
 
@@ -765,6 +802,7 @@ def make_supervised_data_module(
         tokens_per_second: the vision config's (Qwen2.5-VL video positions).
         family: the checkpoint's ``ModelFamily`` (``family_for(model.config)``).
         vision_settings: the checkpoint's ``VisionSettings`` (``family.vision_settings(path)``).
+        processor: the checkpoint's ``AutoProcessor`` (HF-processor families only).
 
     Returns:
         ``{"train_dataset", "eval_dataset", "data_collator"}`` for ``Trainer(**module)``.
@@ -773,7 +811,7 @@ def make_supervised_data_module(
     common = dict(
         tokenizer=tokenizer, data_args=data_args, vision_config=vision_config, family=family,
         model_max_length=model_max_length, seed=seed, tokens_per_second=tokens_per_second,
-        vision_settings=vision_settings,
+        vision_settings=vision_settings, processor=processor,
     )
     policy = getattr(data_args, "bad_sample_policy", "error")  # --bad_sample_policy (default skip)
     packing = getattr(data_args, "data_packing", False)
@@ -791,4 +829,9 @@ def make_supervised_data_module(
     collator_cls: type = FlattenedDataCollatorForSupervisedDataset if flatten else DataCollatorForSupervisedDataset
     if packing:  # items are groups (offline or online bins): flattens each group's samples
         collator_cls = PackedDataCollatorForSupervisedDataset
+    if family.uses_processor_items:  # 1-D families: padded batches only (preflight refuses flattening/packing)
+        if flatten:
+            raise ValueError(f"--data_flatten / --data_packing: not supported for the {family.model_type} family: "
+                             f"{family.flatten_refusal}")
+        collator_cls = ProcessorDataCollator
     return {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "data_collator": collator_cls(pad_id)}

@@ -38,7 +38,7 @@ IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
 # Keys a column mapping may name: record keys, and the parts of a single-turn sample.
 MEDIA_KEYS = ("image", "images", "video", "videos")
-MAPPING_KEYS = MEDIA_KEYS + ("conversations", "question", "answer", "system")
+MAPPING_KEYS = MEDIA_KEYS + ("conversations", "question", "answer", "system", "context")
 SOURCE_KINDS = ("json", "jsonl", "hf_disk", "parquet", "arrow", "hub")
 _SPLIT_RE = re.compile(r"(?:^|[/_-])(train|test|validation|valid|dev|eval)(?:[-_.]|/|$)")
 class SourceError(ValueError):
@@ -60,6 +60,8 @@ class Source:
         columns: record key -> column, as given (``{}``: columns named like the keys are used).
         split: the split of a dataset with several (``None``: ``train``, or the only one).
         system_prompt: a fixed system turn put first in every sample that has none.
+        template: a message template (``--message_format``) that renders each row's conversation
+            (``render_template``), or None.
     """
 
     name: str
@@ -71,15 +73,41 @@ class Source:
     columns: dict[str, str] = field(default_factory=dict)
     split: str | None = None
     system_prompt: str | None = None
+    template: dict[str, Any] | None = None
 
     @property
     def mapped(self) -> bool:
-        """Whether rows need ``make_record`` (HF rows always; JSON records only with a mapping or prompt)."""
-        return self.kind not in ("json", "jsonl") or bool(self.columns) or self.system_prompt is not None
+        """Whether rows need ``make_record`` (HF rows always; JSON records only with a mapping, prompt or template)."""
+        return (self.kind not in ("json", "jsonl") or bool(self.columns) or self.system_prompt is not None
+                or self.template is not None)
 
     def describe(self) -> str:
         """``name (location)`` for messages, or just the location when they are the same."""
         return self.location if self.name == self.location else f"{self.name} ({self.location})"
+
+
+# ------------------------------------------------------------------ row format
+# (column mapping, message template) of this run: --dataset_columns / --message_format, set by
+# parse_args (qwenvl/train/argument.py) through set_row_format and applied by resolve_source.
+_ROW_FORMAT: tuple[dict[str, str], dict[str, Any] | None] = ({}, None)
+
+
+def set_row_format(columns: dict[str, str] | None = None, template: dict[str, Any] | None = None) -> None:
+    """Set the run's row format: a column mapping for every source without its own, and a message template.
+
+    Identity mappings (``image -> image``) are dropped: the column is read under its own name anyway.
+
+    Args:
+        columns: record key (``MAPPING_KEYS``) -> column; None or ``{}`` = none.
+        template: ``{"system_prompt", "messages"}`` (``config_files.check_message_format``), or None.
+
+    Raises:
+        SourceError: a mapping key that is not a record key, or a column that is not a name.
+    """
+    global _ROW_FORMAT
+    columns = {k: v for k, v in (columns or {}).items() if k != v}
+    check_mapping_keys(columns, "--dataset_columns")
+    _ROW_FORMAT = (columns, template)
 
 
 # ------------------------------------------------------------------ resolution
@@ -128,6 +156,19 @@ def resolve_sources(dataset_use: str | list[str], registry: dict[str, dict] | No
 
 def resolve_source(entry: str, sampling_rate: float = 1.0, registry: dict[str, dict] | None = None,
                    flag: str = "--dataset_use") -> Source:
+    """``find_source``, then the run's row format (``set_row_format``): its column mapping for a source
+    without one of its own, its message template for every source."""
+    source = find_source(entry, sampling_rate, registry, flag)
+    columns, template = _ROW_FORMAT
+    if columns and not source.columns:
+        source.columns = dict(columns)
+    if template is not None:
+        source.template = template
+    return source
+
+
+def find_source(entry: str, sampling_rate: float = 1.0, registry: dict[str, dict] | None = None,
+                flag: str = "--dataset_use") -> Source:
     """One entry (without ``%N``) -> a ``Source``.
 
     Args:
@@ -411,6 +452,8 @@ class RowMapping:
     answer: str | None
     system: str | None
     system_prompt: str | None
+    context: str | None = None
+    template: dict[str, Any] | None = None
 
 
 def resolve_mapping(source: Source, columns: list[str]) -> RowMapping:
@@ -439,6 +482,8 @@ def resolve_mapping(source: Source, columns: list[str]) -> RowMapping:
             return source.columns[key]
         return next((name for name in (key, *defaults) if name in columns), None)
 
+    if source.template is not None:
+        return template_mapping(source, columns, pick)
     single_turn = "question" in source.columns or "answer" in source.columns
     conversations = None if single_turn else pick("conversations", "messages")
     question, answer = pick("question"), pick("answer")
@@ -451,7 +496,96 @@ def resolve_mapping(source: Source, columns: list[str]) -> RowMapping:
     media = tuple((key, column) for key in MEDIA_KEYS if (column := pick(key)) is not None)
     system = pick("system") if conversations is None else source.columns.get("system")
     return RowMapping(media, conversations, None if conversations else question, None if conversations else answer,
-                      system, source.system_prompt)
+                      system, source.system_prompt, None if conversations else pick("context"))
+
+
+# message_format placeholder -> RowMapping field holding its column
+PLACEHOLDER_FIELDS = {"question_column": "question", "answer_column": "answer", "context_column": "context",
+                      "image_column": "image", "video_column": "video"}
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+ROLE_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def template_mapping(source: Source, columns: list[str], pick: Any) -> RowMapping:
+    """The mapping of a source rendered through a message template: every placeholder needs a column.
+
+    Raises:
+        SourceError: a placeholder whose column the source lacks (named, with the columns that exist).
+    """
+    found = {"question": pick("question"), "answer": pick("answer"), "context": pick("context"),
+             "image": pick("image"), "video": pick("video")}
+    for message in source.template["messages"]:
+        for part in message["content"]:
+            for name in _PLACEHOLDER.findall(part.get("text") or ""):
+                if name in PLACEHOLDER_FIELDS and found[PLACEHOLDER_FIELDS[name]] is None:
+                    raise SourceError(
+                        f"dataset {source.name!r}: message_format uses {{{name}}} but {source.location} has no "
+                        f"{PLACEHOLDER_FIELDS[name]!r} column; its columns: {', '.join(columns) or 'none'}. Map it "
+                        f"with dataset_columns ({name}: your column)")
+    media = tuple((key, column) for key in MEDIA_KEYS if (column := pick(key)) is not None)
+    return RowMapping(media, None, found["question"], found["answer"], None, None, found["context"],
+                      source.template)
+
+
+def render_template(row: dict[str, Any], mapping: RowMapping, images: int, videos: int) -> list[dict[str, str]]:
+    """One row's conversation from the message template: placeholders filled, image/video parts as tags.
+
+    Parts of a turn are joined as written (as the chat template renders content parts). An image
+    part stands for all the row's images (one ``<image>`` each); so does a video part.
+
+    Args:
+        row: the row.
+        mapping: from ``template_mapping`` (holds the template).
+        images, videos: media items the row has.
+
+    Returns:
+        the turns, ``[{"from": "human"|"gpt"|"system", "value": ...}, ...]``.
+
+    Raises:
+        RowError: a placeholder's column holds no text, or the row's media do not fit the template's parts.
+
+    Example:
+        >>> template = {"system_prompt": "Be brief.", "messages": [
+        ...     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question_column}"}]},
+        ...     {"role": "assistant", "content": [{"type": "text", "text": "{answer_column}"}]}]}
+        >>> m = RowMapping((("image", "img"),), None, "q", "a", None, None, None, template)
+        >>> render_template({"img": "a.jpg", "q": "What?", "a": "A cat."}, m, 1, 0)[0]["value"]
+        '<image>What?'
+    """
+    template = mapping.template or {}
+
+    def value(name: str) -> str:
+        if name == "system_prompt":
+            return template.get("system_prompt") or ""
+        column = getattr(mapping, PLACEHOLDER_FIELDS[name])
+        found = row.get(column)
+        if name == "context_column" and found is None:
+            return ""
+        if not isinstance(found, str):
+            raise RowError(f"message_format {{{name}}}: column {column!r} holds {found!r}, expected text")
+        return found
+
+    image_parts = video_parts = 0
+    turns = []
+    for message in template.get("messages", []):
+        text = ""
+        for part in message["content"]:
+            if part["type"] == "image":
+                image_parts += 1
+                text += IMAGE_TAG * images
+            elif part["type"] == "video":
+                video_parts += 1
+                text += VIDEO_TAG * videos
+            else:
+                text += _PLACEHOLDER.sub(lambda match: value(match.group(1)), part["text"])
+        turns.append({"from": ROLE_NAMES[message["role"]], "value": text})
+    for what, parts, count in (("image", image_parts, images), ("video", video_parts, videos)):
+        if count and not parts:
+            raise RowError(f"the row has {count} {what}(s) but message_format has no {{type: {what}}} part",
+                           "tag_mismatch")
+        if parts and not count:
+            raise RowError(f"message_format has a {{type: {what}}} part but the row has no {what}", "tag_mismatch")
+    return turns
 
 
 class RowError(ValueError):
@@ -492,6 +626,9 @@ def make_record(row: dict[str, Any], mapping: RowMapping) -> dict[str, Any]:
             images += count
         else:
             videos += count
+    if mapping.template is not None:
+        record["conversations"] = render_template(row, mapping, images, videos)
+        return record
     system = row.get(mapping.system) if mapping.system else None
     system = system if isinstance(system, str) and system else mapping.system_prompt
     if mapping.conversations is not None:
@@ -506,6 +643,9 @@ def make_record(row: dict[str, Any], mapping: RowMapping) -> dict[str, Any]:
     for part, value in (("question", question), ("answer", answer)):
         if not isinstance(value, str):
             raise RowError(f"no {part}: column {getattr(mapping, part)!r} holds {value!r}")
+    context = row.get(mapping.context) if mapping.context else None
+    if isinstance(context, str) and context:
+        question = f"{context}\n{question}"
     tags = ""
     if IMAGE_TAG not in question:
         tags += f"{IMAGE_TAG}\n" * images

@@ -58,7 +58,7 @@ COUNT_MODULES = ("qwenvl.data.token_count", "qwenvl.data.chat", "qwenvl.data.dat
 # Status of a sample the dataset yields; any other kind is a ``BadSampleError`` kind.
 OK, TRUNCATED = "ok", "truncated"
 VIDEO_FLAGS = ("base_interval", "video_min_frames", "video_max_frames", "video_min_frame_pixels",
-               "video_max_frame_pixels", "video_fps", "video_min_pixels", "video_max_pixels")
+               "video_max_frame_pixels", "video_fps", "video_min_pixels", "video_max_pixels", "video_max_duration")
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,8 @@ class TokenCounter:
             "encoder": encoder.settings(),
             "video_settings": None if self.vision_settings is None else asdict(self.vision_settings),
             "vision": {k: v for k, v in asdict(self.vision_config).items()
-                       if k in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels")},
+                       if k in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels",
+                                "resize_mode", "max_size")},
             "video": {name: _flag(getattr(self.data_args, name, None)) for name in VIDEO_FLAGS},
             "model_max_length": self.model_max_length,
         }

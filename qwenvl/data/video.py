@@ -409,6 +409,18 @@ def sample_frame_indices(
     return np.unique(np.linspace(0, total_frames - 1, n).astype(np.int64))
 
 
+def clip_frames(total_frames: int, fps: float, max_duration: float | None) -> int:
+    """Frames of a clip that sampling sees: the first ``max_duration`` seconds (``--video_max_duration``).
+
+    Example:
+        >>> clip_frames(120, 12.0, 2.5), clip_frames(120, 12.0, None)
+        (30, 120)
+    """
+    if max_duration is None:
+        return total_frames
+    return max(1, min(total_frames, int(math.floor(max_duration * fps + 1e-9))))
+
+
 def second_per_grid_t(num_sampled: int, duration: float, temporal_patch_size: int) -> float:
     """Seconds covered by one temporal grid step: ``temporal_patch_size / (num_sampled / duration)``.
 
@@ -449,6 +461,7 @@ def plan_video(meta: VideoMeta | Sequence, data_args: Any, cfg: VisionConfig, fa
         VideoError: the frame size cannot be resized (aspect ratio over 200).
     """
     num_frames, fps, height, width = meta
+    num_frames = clip_frames(num_frames, fps, getattr(data_args, "video_max_duration", None))
     try:
         own = family.video_frames(num_frames, fps, height, width, data_args, settings) if family is not None else None
     except ValueError as exc:  # the family's rule refusing the frame size

@@ -46,6 +46,9 @@ class VisionConfig:
     rescale_factor: float = 1 / 255
     min_pixels: int = 16 * 28 * 28
     max_pixels: int = 576 * 28 * 28
+    # Applied before smart_resize (--image_resize_mode, --image_max_size; see ``pre_resize``).
+    resize_mode: str = "keep_aspect"
+    max_size: int | None = None
 
     @property
     def factor(self) -> int:
@@ -53,8 +56,10 @@ class VisionConfig:
         return self.patch_size * self.merge_size
 
     @classmethod
-    def from_image_processor(cls, processor: Any, min_pixels: int, max_pixels: int) -> "VisionConfig":
-        """Read patch/merge sizes and normalisation from a loaded image processor."""
+    def from_image_processor(cls, processor: Any, min_pixels: int, max_pixels: int, resize_mode: str = "keep_aspect",
+                             max_size: int | None = None) -> "VisionConfig":
+        """Read patch/merge sizes and normalisation from a loaded image processor (``resize_mode`` and
+        ``max_size``: ``--image_resize_mode`` / ``--image_max_size``, see ``pre_resize``)."""
         return cls(
             patch_size=int(processor.patch_size),
             merge_size=int(processor.merge_size),
@@ -64,6 +69,8 @@ class VisionConfig:
             rescale_factor=float(getattr(processor, "rescale_factor", 1 / 255)),
             min_pixels=int(min_pixels),
             max_pixels=int(max_pixels),
+            resize_mode=resize_mode,
+            max_size=None if max_size is None else int(max_size),
         )
 
 
@@ -151,13 +158,59 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+RESIZE_MODES = ("keep_aspect", "crop", "stretch")
+
+
+def pre_resize(height: int, width: int, mode: str = "keep_aspect", max_size: int | None = None
+               ) -> tuple[int, int, tuple[int, int, int, int] | None]:
+    """Size (and centre crop box) of an image before the family's ``smart_resize``.
+
+    - ``keep_aspect``: scaled so the longer side is at most ``max_size`` (never enlarged);
+    - ``crop``: the centre square of side ``min(height, width)``, then scaled to at most ``max_size``;
+    - ``stretch``: exactly ``max_size`` x ``max_size`` (the aspect ratio is not kept).
+
+    Args:
+        height, width: the image's size.
+        mode: one of ``RESIZE_MODES``.
+        max_size: side limit in pixels; None = none (``stretch`` needs one).
+
+    Returns:
+        (height, width, box): the size to resize to, and the crop box (left, top, right, bottom) of
+        the source taken first, or None.
+
+    Raises:
+        ValueError: an unknown mode, or ``stretch`` without ``max_size``.
+
+    Example:
+        >>> pre_resize(480, 640, "keep_aspect", 320), pre_resize(480, 640, "crop", 224)[:2]
+        ((240, 320, None), (224, 224))
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode should be one of {', '.join(RESIZE_MODES)} but found {mode!r}")
+    box = None
+    if mode == "stretch":
+        if max_size is None:
+            raise ValueError("resize_mode stretch needs max_size (the square side to stretch to)")
+        return max_size, max_size, None
+    if mode == "crop":
+        side = min(height, width)
+        left, top = (width - side) // 2, (height - side) // 2
+        box = (left, top, left + side, top + side)
+        height = width = side
+    if max_size is not None and max(height, width) > max_size:
+        scale = max_size / max(height, width)
+        height, width = max(1, round(height * scale)), max(1, round(width * scale))
+    return height, width, box
+
+
 def image_grid_thw(height: int, width: int, cfg: VisionConfig) -> tuple[int, int, int]:
-    """Patch grid (t, h, w) the processor produces for an image of this size.
+    """Patch grid (t, h, w) the processor produces for an image of this size (``pre_resize`` first).
 
     Example:
         >>> image_grid_thw(480, 640, VisionConfig())
         (1, 34, 46)
     """
+    height, width, _ = pre_resize(height, width, cfg.resize_mode, cfg.max_size)
     h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     return 1, h // cfg.patch_size, w // cfg.patch_size
 
@@ -582,13 +635,19 @@ def patchify(frames: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, tuple[i
 
 
 def process_image(image: Image.Image, cfg: VisionConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """RGB PIL image -> (pixel_values (h*w, 1176) float32, grid (1, h, w)).
+    """RGB PIL image -> (pixel_values (h*w, 1176) float32, grid (1, h, w)): ``pre_resize`` (resize mode,
+    max size), then ``smart_resize``.
 
     Example:
         >>> pv, grid = process_image(Image.new("RGB", (640, 480)), VisionConfig())
         >>> pv.shape, grid
         ((1564, 1176), (1, 34, 46))
     """
+    before_h, before_w, box = pre_resize(image.height, image.width, cfg.resize_mode, cfg.max_size)
+    if box is not None:
+        image = image.crop(box)
+    if (image.height, image.width) != (before_h, before_w):
+        image = image.resize((before_w, before_h), Image.Resampling.BICUBIC)
     height, width = smart_resize(image.height, image.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     if (image.height, image.width) != (height, width):
         image = image.resize((width, height), Image.Resampling.BICUBIC)

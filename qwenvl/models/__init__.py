@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from qwenvl.models.base import LLM, PROJECTOR, VISION_TOWER, ModelFamily, SpecialTokens, TokenIds, VisionSettings
+from qwenvl.models.llava import LLAVA
 from qwenvl.models.qwen2_5_vl import QWEN2_5_VL
 from qwenvl.models.qwen2_vl import QWEN2_VL
 from qwenvl.models.qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
@@ -30,6 +31,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "qwen2_5_vl": QWEN2_5_VL,
     "qwen3_vl": QWEN3_VL,
     "qwen3_vl_moe": QWEN3_VL_MOE,
+    "llava": LLAVA,  # the HF-processor kind (qwenvl/models/hf_family.py)
 }
 
 

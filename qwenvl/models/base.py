@@ -211,6 +211,8 @@ class ModelFamily(ABC):
             position ids scale video time by it and ``tokens_per_second``).
         tokens (SpecialTokens): token strings.
         rope_index (ClassVar): the position-id rule (see ``position_ids``), set by each subclass.
+        grounding_range (ClassVar): the frame of grounding boxes in answers: None = absolute pixels of
+            the resized image, N = 0..N relative (see ``grounding_scale``).
     """
 
     model_type: str
@@ -227,6 +229,15 @@ class ModelFamily(ABC):
     # The position-id rule, a ``qwenvl.data.rope2d.get_rope_index_*`` function (set in the subclass:
     # ``rope_index = staticmethod(get_rope_index_2)``); ``position_ids`` calls it.
     rope_index: ClassVar[Callable[..., tuple[torch.Tensor, torch.Tensor]]]
+    # The frame of grounding coordinates in answers (``(x1,y1),(x2,y2)`` or ``"bbox_2d": [...]``): None =
+    # absolute pixels of the resized image the model sees (Qwen2.5-VL); N = relative, 0..N across the
+    # image's width and height (Qwen2-VL and Qwen3-VL: 1000). ``grounding_scale`` turns it into pixels.
+    grounding_range: ClassVar[int | None] = None
+    # False: the family writes its own chat layout (``ChatEncoder``) and Qwen vision blocks. True: its items come
+    # from the checkpoint's Hugging Face processor (``qwenvl/models/hf_family.py``, ``qwenvl/data/hf_items.py``).
+    uses_processor_items: ClassVar[bool] = False
+    # The batch keys of the media the model takes (the trainer's dummy vision passes stand in for missing ones).
+    media_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
 
     # ------------------------------------------------------------------ model
     def model_class(self) -> type:
@@ -323,6 +334,29 @@ class ModelFamily(ABC):
             resized width, seconds of each temporal patch), or None.
         """
         return None
+
+    # -------------------------------------------------------------- grounding
+    def grounding_scale(self, width: int, height: int) -> tuple[float, float]:
+        """Pixels of the resized ``width`` x ``height`` image per unit of an answer's grounding coordinate (x, y).
+
+        Example:
+            >>> family_for("qwen2_5_vl").grounding_scale(644, 476), family_for("qwen3_vl").grounding_scale(640, 480)
+            ((1.0, 1.0), (0.64, 0.48))
+        """
+        if self.grounding_range is None:
+            return 1.0, 1.0
+        return width / self.grounding_range, height / self.grounding_range
+
+    def grounding_frame(self) -> str:
+        """The grounding coordinate frame in words, for reports.
+
+        Example:
+            >>> family_for("qwen3_vl").grounding_frame()
+            'relative 0-1000 of the image'
+        """
+        if self.grounding_range is None:
+            return "absolute pixels of the resized image"
+        return f"relative 0-{self.grounding_range} of the image"
 
     # -------------------------------------------------------------- positions
     def position_ids(

@@ -21,6 +21,7 @@ class Qwen25VLFamily(Qwen2VLFamily):
     """Qwen2.5-VL: as Qwen2-VL, but ``t_index = floor(g * second_per_grid_t * tokens_per_second)``."""
 
     rope_index = staticmethod(get_rope_index_25)
+    grounding_range = None  # absolute pixels of the resized image (the Qwen2.5-VL report's change)
 
     def tiny_config_kwargs(self, token_ids: dict[str, int]) -> dict[str, Any]:
         """Qwen2_5_VLConfig kwargs: vision depth 2, width 32, windows of 4x4 merged patches, block 1 full.

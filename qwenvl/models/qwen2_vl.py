@@ -101,6 +101,7 @@ class Qwen2VLFamily(ModelFamily):
     """Qwen2-VL: a video is one block of t*h*w/merge**2 pads; time is the grid index."""
 
     rope_index = staticmethod(get_rope_index_2)
+    grounding_range = 1000  # boxes are normalised to [0, 1000) (Qwen2-VL report, section 2.2)
 
     def video_text(self, grid_thw: GridThw, merge_size: int, timestamps: Sequence[float] | None = None) -> str:
         """``<|vision_start|>`` + ``<|video_pad|>`` x (t*h*w / merge**2) + ``<|vision_end|>``; no timestamps.

@@ -212,6 +212,7 @@ class Qwen3VLFamily(ModelFamily):
 
     moe: bool = False
     rope_index = staticmethod(get_rope_index_3)  # whole-video grids; time is in the timestamp text
+    grounding_range = 1000  # boxes and points relative 0-1000 (SPEC 13)
 
     def video_text(self, grid_thw: GridThw, merge_size: int, timestamps: Sequence[float] | None = None) -> str:
         """Per temporal patch: ``<{t:.1f} seconds>`` + ``<|vision_start|>`` + pads x (h*w/merge**2) + ``<|vision_end|>``.

@@ -1,7 +1,8 @@
 """Command-line arguments: the three dataclasses HfArgumentParser reads, and how they are parsed.
 
-``parse_args`` reads flags, or a YAML/JSON config file followed by flags that
-override it (``train_qwen.py config.yaml --learning_rate 1e-5``). Abbreviated
+``parse_args`` reads flags, or YAML/JSON config files (and folders of them) followed by flags that
+override them (``train_qwen.py configs/ --learning_rate 1e-5``, ``--config FILE`` repeatable); the
+file kinds (train, model, collator, PEFT) are read by ``qwenvl/train/config_files.py``. Abbreviated
 flags are refused. Flags that guides written for transformers 4 use
 (``--evaluation_strategy``, ``--group_by_length``, ``--save_safetensors``,
 ``--overwrite_output_dir``, ``--logging_dir``, ``--warmup_ratio``) are
@@ -10,8 +11,8 @@ accepted and translated; ``TrainingArguments.legacy_notes`` says what each becam
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import difflib
 import json
 import os
 import re
@@ -23,11 +24,15 @@ from typing import Any
 import torch
 import transformers
 
+from qwenvl.data.sources import set_row_format
+from qwenvl.train.config_files import (
+    ConfigError, LoadedConfigs, check_message_format, load_config_files, unknown_key_hint,
+)
+from qwenvl.train.launch import single_process_env
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work, found before the model loads; the message names the flag and the fix."""
 
 _PRODUCT = re.compile(r"^\s*\d+(\s*\*\s*\d+)*\s*$")
 
@@ -77,6 +82,11 @@ class ModelArguments:
     tune_mm_llm: bool = field(default=False, metadata={"help": "Train the language model (and lm_head)."})
     tune_mm_mlp: bool = field(default=False, metadata={"help": "Train the vision-language merger (projector)."})
     tune_mm_vision: bool = field(default=False, metadata={"help": "Train the vision tower."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Accept a model config file whose model_classes name an import_path other than "
+                          "transformers (Qwen-VL checkpoints always load with transformers' own classes)."},
+    )
     attn_implementation: str = field(
         default_factory=_default_attn,
         metadata={"help": "flash_attention_2 (default when flash-attn is installed), else sdpa_packed (SDPA that "
@@ -129,6 +139,43 @@ class DataArguments:
                                         "768*32*32*8 (None: the checkpoint's video processor config)."})
     video_min_pixels: PixelCount | None = field(
         default=None, metadata={"help": "Qwen3-VL: least pixels of a whole video (None: the checkpoint's)."})
+    train_on_prompt: bool = field(
+        default=False,
+        metadata={"help": "Learn the prompt too: system and user turns get labels like the answers (a collator "
+                          "file's label_masking.mask_input_tokens false). Image and video tokens are never learned."},
+    )
+    image_resize_mode: str = field(
+        default="keep_aspect",
+        metadata={"help": "Applied before the model's own resize (smart_resize): keep_aspect (the longer side to at "
+                          "most --image_max_size), crop (the centre square, its side at most --image_max_size) or "
+                          "stretch (to --image_max_size x --image_max_size).",
+                  "choices": ["keep_aspect", "crop", "stretch"]},
+    )
+    image_max_size: int | None = field(
+        default=None, metadata={"help": "Pixels of the longer side (keep_aspect), or of the square side (crop, "
+                                        "stretch) before smart_resize; None: no limit (stretch needs one)."})
+    video_max_duration: float | None = field(
+        default=None, metadata={"help": "Seconds of each video that are sampled (from its start); None: all."})
+    video_backend: str | None = field(
+        default=None, metadata={"help": "Video decoder: decord, pyav or torchcodec (None: $QWENVL_VIDEO_BACKEND, "
+                                        "else the first that imports); sets $QWENVL_VIDEO_BACKEND."})
+    image_data: bool = field(
+        default=True, metadata={"help": "Train on samples with images; False refuses datasets that hold some "
+                                        "(counted, before the model loads)."})
+    video_data: bool = field(
+        default=True, metadata={"help": "Train on samples with videos; False refuses datasets that hold some."})
+    dataset_columns: str = field(
+        default="",
+        metadata={"help": "JSON column mapping for every --dataset_use source without its own registry \"columns\": "
+                          "record key (image, video, question, answer, context, ...) -> your column, e.g. "
+                          "'{\"image\": \"image_path\", \"question\": \"query\", \"answer\": \"response\"}'."},
+    )
+    message_format: str = field(
+        default="",
+        metadata={"help": "JSON message template rendered per row into the conversation ({system_prompt, messages: "
+                          "[{role, content: [{type: text|image|video, text}]}]}, text with {question_column}-style "
+                          "placeholders); a collator file's message_format writes it."},
+    )
     bad_sample_policy: str = field(
         default="skip",
         metadata={"help": "What a bad sample (missing/corrupt media, tag mismatch, over-length ...) does: 'error' "
@@ -173,6 +220,39 @@ class DataArguments:
             )
         if not 0.0 <= self.bad_sample_threshold <= 1.0:
             raise ValueError(f"bad_sample_threshold must be a fraction in [0, 1], got {self.bad_sample_threshold}")
+        self._check_config_data_flags()
+
+    def _check_config_data_flags(self) -> None:
+        """The flags a collator config file writes: resize mode, durations, JSON mapping and template."""
+        if self.image_resize_mode not in ("keep_aspect", "crop", "stretch"):
+            raise ValueError(f"image_resize_mode should be one of keep_aspect, crop or stretch but found "
+                             f"{self.image_resize_mode!r}")
+        if self.image_max_size is not None and self.image_max_size < 1:
+            raise ValueError(f"image_max_size must be positive (or None), got {self.image_max_size}")
+        if self.image_resize_mode == "stretch" and self.image_max_size is None:
+            raise ValueError("image_resize_mode stretch needs image_max_size (the square side to stretch to)")
+        if self.video_max_duration is not None and not self.video_max_duration > 0:
+            raise ValueError(f"video_max_duration must be positive seconds (or None), got {self.video_max_duration}")
+        for name in ("dataset_columns", "message_format"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = json.dumps(value, sort_keys=True)
+                setattr(self, name, value)
+            if value:
+                try:
+                    parsed = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{name} must be JSON, got {value!r}: {exc}") from None
+                if not isinstance(parsed, dict):
+                    raise ValueError(f"{name} must be a JSON object, got {value!r}")
+        if self.message_format:
+            check_message_format(json.loads(self.message_format), "--message_format")
+
+    def row_format(self) -> tuple[dict[str, str], dict[str, Any] | None]:
+        """(column mapping, message template) of ``--dataset_columns`` / ``--message_format``."""
+        template = check_message_format(json.loads(self.message_format), "--message_format") \
+            if self.message_format else None
+        return (json.loads(self.dataset_columns) if self.dataset_columns else {}), template
 
 
 @dataclass
@@ -189,6 +269,14 @@ class TrainingArguments(transformers.TrainingArguments):
                           "chunked), chunked (plain PyTorch, never holds the full logits), liger, or model (the "
                           "model's own, full logits). Evaluation always uses the model's own.",
                   "choices": ["auto", "chunked", "liger", "model"]},
+    )
+    loss_average: str = field(
+        default="token",
+        metadata={"help": "How an optimizer step averages the loss: token (every learned token of the accumulated "
+                          "batch, over all ranks, weighs the same: the loss of one big batch) or micro_batch (the "
+                          "original's: the mean of each micro-batch's token mean, so tokens of short micro-batches "
+                          "weigh more).",
+                  "choices": ["token", "micro_batch"]},
     )
     router_aux_loss_coef: float | None = field(
         default=None,
@@ -207,6 +295,11 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
     use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale adapters by lora_alpha / sqrt(r)."})
+    lora_bias: str = field(
+        default="none",
+        metadata={"help": "Biases trained with the adapters (peft's bias): none, lora_only or all.",
+                  "choices": ["none", "lora_only", "all"]},
+    )
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: nf4 base weights (CUDA + bitsandbytes)."})
     logging_steps: float = field(
         default=10,
@@ -245,6 +338,8 @@ class TrainingArguments(transformers.TrainingArguments):
 
     def __post_init__(self) -> None:
         self.legacy_notes: list[str] = []
+        if self.loss_average not in ("token", "micro_batch"):
+            raise ValueError(f"--loss_average should be one of token or micro_batch but found {self.loss_average!r}")
         if self.loss_impl not in ("auto", "chunked", "liger", "model"):
             raise ValueError(f"--loss_impl should be one of auto, chunked, liger or model but found {self.loss_impl!r}")
         if self.use_liger_kernel:
@@ -265,6 +360,9 @@ class TrainingArguments(transformers.TrainingArguments):
                 "underflows and the weights become NaN. Use --bf16 True (CPU supports bfloat16) or float32 "
                 "(neither flag)."
             )
+        # --deepspeed / --fsdp / --ddp_backend started with plain python: torchrun's 1-process environment,
+        # set before super() builds the distributed state (qwenvl/train/launch.py).
+        self.launch_note = single_process_env(self)
         super().__post_init__()
 
     def _translate_legacy_flags(self) -> None:
@@ -344,22 +442,23 @@ def _resolve_config_path(value: Any, flag: str) -> Any:
 
 # ------------------------------------------------------------------- parsing
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-# Keys of a config file's `lora:` section -> TrainingArguments fields.
-LORA_KEYS = {"enable": "lora_enable", "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
-             "target_modules": "lora_target_modules", "use_dora": "use_dora", "use_rslora": "use_rslora",
-             "load_in_4bit": "load_in_4bit"}
 
 
 def build_parser() -> transformers.HfArgumentParser:
-    """The entry point's parser: the three dataclasses, abbreviations refused."""
-    return transformers.HfArgumentParser(
+    """The entry point's parser: the three dataclasses (and ``--config``), abbreviations refused."""
+    parser = transformers.HfArgumentParser(
         ARGUMENT_CLASSES,
         allow_abbrev=False,
         prog="train_qwen.py",
-        description="Fine-tune Qwen2-VL / Qwen2.5-VL / Qwen3-VL. Flags, or a YAML/JSON config file first and "
-                    "flags that override it: train_qwen.py config.yaml --learning_rate 1e-5",
+        description="Fine-tune Qwen2-VL / Qwen2.5-VL / Qwen3-VL. Flags, or YAML/JSON config files (train, model, "
+                    "collator and PEFT files, in any order, or a folder of them; also --config FILE, repeatable) "
+                    "and flags that override them: train_qwen.py configs/ --learning_rate 1e-5",
     )
+    # Taken out of the command line by split_config_args before parsing; here for --help only.
+    parser.add_argument("--config", action="append", default=argparse.SUPPRESS, metavar="FILE_OR_FOLDER",
+                        help="A config file (train, model, collator or PEFT YAML/JSON) or a folder of them; "
+                             "repeatable, later files override earlier ones, flags override files.")
+    return parser
 
 
 def argument_names() -> set[str]:
@@ -368,72 +467,100 @@ def argument_names() -> set[str]:
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Settings from a YAML or JSON file: a flat mapping of flag names, plus an optional ``lora:`` section.
+    """Settings from one YAML or JSON file of any kind (``qwenvl/train/config_files.py``), as flag name -> value.
 
-    The ``lora`` section's keys may drop the ``lora_`` prefix (``r``, ``alpha``, ``dropout``,
-    ``target_modules`` as a list or a comma-separated string, ``enable``).
+    A train file is a flat mapping of flag names, plus an optional ``lora:`` section whose keys may
+    drop the ``lora_`` prefix (``r``, ``alpha``, ``dropout``, ``target_modules`` as a list or a
+    comma-separated string, ``enable``) or be ``peft.LoraConfig`` fields.
 
     Raises:
-        ValueError: the file is not a mapping, or names a setting that does not exist (with close matches).
+        ConfigError: the file is not a mapping, or names a setting that does not exist (with the closest one).
 
     Example:
         >>> load_config_file("examples/qwen2_5_vl_lora.yaml")["lora_r"]
         64
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
+    return load_config_files([str(path)], argument_names()).settings
 
-        data = yaml.safe_load(text)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of settings, found {type(data).__name__}")
-    settings: dict[str, Any] = {}
-    for key, value in data.items():
-        if key == "lora" and isinstance(value, dict):
-            for lora_key, lora_value in value.items():
-                name = LORA_KEYS.get(lora_key, lora_key if lora_key.startswith("lora_") else f"lora_{lora_key}")
-                if name == "lora_target_modules" and isinstance(lora_value, (list, tuple)):
-                    lora_value = ",".join(str(v) for v in lora_value)
-                settings[name] = lora_value
-            if "lora_enable" not in settings:
-                settings["lora_enable"] = True
+
+def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Config files and folders of a command line, and the flags left.
+
+    Config items are the leading arguments that are not flags (``train_qwen.py configs/ model.yaml ...``)
+    and every ``--config PATH`` (or ``--config=PATH``), in the order given.
+
+    Example:
+        >>> split_config_args(["a.yaml", "configs/", "--config", "b.yaml", "--learning_rate", "1e-5"])
+        (['a.yaml', 'configs/', 'b.yaml'], ['--learning_rate', '1e-5'])
+    """
+    items: list[str] = []
+    rest: list[str] = []
+    position = 0
+    while position < len(argv) and not argv[position].startswith("-"):
+        items.append(argv[position])
+        position += 1
+    while position < len(argv):
+        token = argv[position]
+        if token == "--config":
+            if position + 1 >= len(argv) or argv[position + 1].startswith("--"):
+                raise ConfigError("--config needs a file or folder, e.g. --config configs/train_config.yaml")
+            items.append(argv[position + 1])
+            position += 2
+            continue
+        if token.startswith("--config="):
+            items.append(token.split("=", 1)[1])
         else:
-            settings[key] = value
+            rest.append(token)
+        position += 1
+    return items, rest
+
+
+def non_default_values(parsed: tuple[Any, ...]) -> dict[str, str]:
+    """Setting name -> its value as text, for the settings whose value differs from the field's default."""
+    values = {}
+    for instance in parsed:
+        for f in dataclasses.fields(instance):
+            if not f.init or not hasattr(instance, f.name):
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            value = getattr(instance, f.name)
+            if str(getattr(value, "value", value)) != str(getattr(default, "value", default)):
+                values[f.name] = str(getattr(value, "value", value))
+    return values
+
+
+def command_line_origins(flags: list[str], loaded: LoadedConfigs) -> dict[str, str]:
+    """Which file (or the command line) set each setting; a flag overriding a file says so."""
+    origins = dict(loaded.origins)
     known = argument_names()
-    for key in settings:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"config file {path}: unknown setting {key!r}{hint}")
-    for key in ("dataset_use", "eval_dataset_use"):  # a YAML list of datasets is natural
-        if isinstance(settings.get(key), (list, tuple)):
-            settings[key] = ",".join(str(v) for v in settings[key])
-    return settings
+    for token in flags:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0]
+            if name in known:
+                origins[name] = "command line" + (f" (over {loaded.origins[name]})" if name in loaded.origins else "")
+    return origins
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Flags, or ``CONFIG.yaml|json [flags]``, into the three argument dataclasses.
+    """Flags, or ``CONFIG... [--config CONFIG]... [flags]``, into the three argument dataclasses.
 
-    A flag given on the command line overrides the same setting in the file.
+    Config items are files (YAML/JSON of any kind: train, model, collator, PEFT) or folders of them,
+    read in the order given; a later file overrides an earlier one and a flag on the command line
+    overrides every file. ``training_args.config_origins`` records where each setting came from,
+    ``training_args.config_notes`` what a file key was translated to, and ``model_args.model_classes``
+    a model file's classes (checked against the checkpoint by ``config_files.check_run``).
 
     Raises:
         ConfigError: an unknown or abbreviated flag, a bad config file or a bad value.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
-        settings = load_config_file(argv[0])
-        argv = argv[1:]
+    items, argv = split_config_args(argv)
+    loaded = load_config_files(items, argument_names()) if items else LoadedConfigs()
+    if loaded.settings:
         # Every value becomes the flag's default, so argparse converts strings the same way as on the
-        # command line (e.g. "576*28*28", "1e-5") and a flag given after the file wins.
-        parser.set_defaults(**{k: v if not isinstance(v, bool) else v for k, v in settings.items()})
+        # command line (e.g. "576*28*28", "1e-5") and a flag given after the files wins.
+        parser.set_defaults(**loaded.settings)
     try:
         *outputs, remaining = parser.parse_args_into_dataclasses(
             args=argv, look_for_args_file=False, return_remaining_strings=True)
@@ -443,22 +570,41 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         raise ConfigError(str(exc)) from exc
     if remaining:
         raise ConfigError(unknown_flags_message(remaining))
-    return outputs[0], outputs[1], outputs[2]
+    model_args, data_args, training_args = outputs
+    try:
+        # The run's row format: applied to every source resolved from now on (qwenvl/data/sources.py), so
+        # preflight, the datasets and the tools read the same records. Parsing again replaces it.
+        set_row_format(*data_args.row_format())
+    except ValueError as exc:
+        raise ConfigError(f"--dataset_columns: {exc}") from None
+    if data_args.video_backend:  # the decoder qwenvl/data/video.py picks (DataLoader workers inherit it)
+        os.environ["QWENVL_VIDEO_BACKEND"] = data_args.video_backend
+    training_args.config_files = list(loaded.files)
+    values = non_default_values((model_args, data_args, training_args))
+    training_args.config_origins = {name: origin for name, origin in command_line_origins(argv, loaded).items()
+                                    if name in values}
+    training_args.config_values = {name: values[name] for name in training_args.config_origins}
+    training_args.config_notes = list(loaded.notes)
+    model_args.model_classes = dict(loaded.model_classes)
+    model_args.model_classes_file = loaded.model_classes_file
+    return model_args, data_args, training_args
 
 
 def unknown_flags_message(remaining: list[str]) -> str:
     """``unknown flag --learning_rat (did you mean --learning_rate?)`` for what the parser did not take.
 
-    Abbreviations are refused (``allow_abbrev=False``), so a prefix of a real flag lands here too.
+    Only a close flag is suggested (``config_files.SIMILARITY``); a name other tools use gets what it is
+    here (``--mask_input_tokens`` -> ``--train_on_prompt``). Abbreviations are refused
+    (``allow_abbrev=False``), so a prefix of a real flag lands here too.
     """
-    known = sorted(f"--{name}" for name in argument_names())
+    known = argument_names()
     parts = []
     for token in remaining:
         if not token.startswith("--"):
             continue
         flag = token.split("=", 1)[0]
-        close = difflib.get_close_matches(flag, known, n=2)
-        parts.append(flag + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        hint = unknown_key_hint(flag, known, flag_style=True)
+        parts.append(flag + (f" ({hint[2:]})" if hint else ""))
     if not parts:
         return f"unexpected values on the command line: {' '.join(remaining)}"
     return f"unknown flag {', '.join(parts)}; abbreviations are not accepted (see train_qwen.py --help)"

@@ -17,6 +17,8 @@ What can go wrong silently, and what this module does about it:
   are not the ones ``build_parameter_groups`` made.
 - On CPU accelerate turns an FSDP request into plain DDP without a word;
   ``fsdp_fallback_reason`` says so.
+
+The optimizer groups are logged here, once (``OptimizerGroupsCallback``: the optimizer that steps).
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ def expected_optimizer_groups(model: torch.nn.Module, training_args: Any) -> lis
         vision_tower_lr=getattr(training_args, "vision_tower_lr", None),
         mm_projector_lr=getattr(training_args, "mm_projector_lr", None),
     )
-    return [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in groups]
+    return [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"], "tensors": len(g["params"])}
+            for g in groups]
 
 
 def optimizer_groups(optimizer: Any) -> list[dict]:
@@ -198,9 +201,13 @@ class OptimizerGroupsCallback(TrainerCallback):
             return
         self.seen = optimizer_groups(optimizer)
         logger.info("stepping optimizer: %s", " > ".join(optimizer_chain(optimizer)))
+        # The one place the groups are logged (the Trainer's create_optimizer does not). Tensor counts are the
+        # model's: ZeRO-3's groups hold flat partitions instead.
+        tensors = {g["name"]: g.get("tensors") for g in self.expected}
         for group in self.seen:
-            logger.info("stepping optimizer group %-22s lr=%g weight_decay=%g", group["name"], group["lr"],
-                        group["weight_decay"])
+            count = tensors.get(group["name"])
+            logger.info("stepping optimizer group %-22s lr=%g weight_decay=%g%s", group["name"], group["lr"],
+                        group["weight_decay"], f" ({count} tensors)" if count is not None else "")
 
         def key(groups: list[dict]) -> list[tuple]:
             return [(g["name"], round(float(g["lr"]), 12), round(float(g["weight_decay"]), 12)) for g in groups]

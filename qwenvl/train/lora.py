@@ -16,9 +16,12 @@ a full checkpoint alike, and ``merge_lora`` writes a full checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,9 +182,19 @@ def lora_config(model: nn.Module, model_args: Any, training_args: Any) -> Any:
         modules_to_save=saved or None,
         use_dora=training_args.use_dora,
         use_rslora=training_args.use_rslora,
-        bias="none",
+        bias=getattr(training_args, "lora_bias", "none"),  # --lora_bias (a PEFT config file's bias)
         task_type="CAUSAL_LM",
     )
+
+
+@contextlib.contextmanager
+def peft_deprecations_quiet() -> Iterator[None]:
+    """Hide the FutureWarning peft 0.21 triggers while it wraps a model: it reads the deprecated
+    ``is_gradient_checkpointing`` (transformers 5: ``is_activation_checkpointing``). peft's to fix; our own
+    code calls only the current transformers names."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def apply_lora(model: nn.Module, model_args: Any, training_args: Any) -> nn.Module:
@@ -202,18 +215,33 @@ def apply_lora(model: nn.Module, model_args: Any, training_args: Any) -> nn.Modu
         logger.warning("--tune_mm_llm has no effect with --lora_enable: the language model trains through its "
                        "LoRA adapters (%s)", training_args.lora_target_modules)
     if getattr(training_args, "load_in_4bit", False):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(training_args.activation_checkpointing),
-            gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs or {"use_reentrant": False},
-        )
+        # Freeze and cast only: peft would switch activation checkpointing on through the deprecated
+        # gradient_checkpointing_enable; the Trainer does it from --activation_checkpointing
+        # (activation_checkpointing_enable), and train_qwen.py lets the frozen embeddings feed it.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for param in model.parameters():
         param.requires_grad_(False)
     config = lora_config(model, model_args, training_args)
-    peft_model = get_peft_model(model, config)
+    targets = resolved_targets(model, training_args.lora_target_modules)  # before peft adds its own linears
+    with peft_deprecations_quiet():
+        peft_model = get_peft_model(model, config)
     logger.info("LoRA r=%d alpha=%g dropout=%g%s%s on %s; trained fully: %s", config.r, config.lora_alpha,
                 config.lora_dropout, " DoRA" if config.use_dora else "", " rsLoRA" if config.use_rslora else "",
-                training_args.lora_target_modules, ", ".join(config.modules_to_save or []) or "nothing")
+                targets, ", ".join(config.modules_to_save or []) or "nothing")
     return peft_model
+
+
+def resolved_targets(model: nn.Module, target_modules: str) -> str:
+    """``--lora_target_modules`` as the log states it: ``all-linear`` / ``auto`` with the short names they
+    resolve to (the language model's layers only, never the vision tower)."""
+    wanted = target_modules.strip()
+    if wanted == ALL_LINEAR:
+        names = sorted({name.split(".")[-1] for name in llm_linear_layers(model)})
+    elif wanted == AUTO:
+        names = list(family_targets(model))
+    else:
+        return target_modules
+    return f"{wanted} = {','.join(names)} of the language model"
 
 
 # ------------------------------------------------------------------- loading
@@ -265,7 +293,8 @@ def load_finetuned(
     base_path = base_model or base_model_of(path)
     config = AutoConfig.from_pretrained(base_path)
     base = model_class_for(config).from_pretrained(base_path, dtype=dtype, attn_implementation=attn_implementation)
-    model = PeftModel.from_pretrained(base, str(path))
+    with peft_deprecations_quiet():
+        model = PeftModel.from_pretrained(base, str(path))
     if merge:
         model = model.merge_and_unload()
     return model.eval()

@@ -13,13 +13,15 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from qwenvl.data import load_registry_file
 from qwenvl.data.annotations import open_store
-from qwenvl.data.packing import offline_packed
+from qwenvl.data.packing import is_packed_file, offline_packed
 from qwenvl.data.sources import Source, resolve_sources
-from qwenvl.models import FAMILIES
+from qwenvl.models import FAMILIES, family_for
+from qwenvl.models.loading import CheckpointError, check_model_type, resolve_checkpoint
 from qwenvl.train.argument import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -49,24 +51,51 @@ def _installed(module: str) -> bool:
 
 
 def check_model_path(model_name_or_path: str, cache_dir: str | None = None) -> dict[str, Any]:
-    """The checkpoint's ``config.json`` as a dict (no weights read).
+    """The checkpoint's ``config.json`` as a dict (no weights read), from a local folder, the HF cache or the hub.
+
+    See ``check_model`` (which also swaps an unreachable hub id for its cached snapshot).
 
     Raises:
-        PreflightError: no config can be found, or its ``model_type`` is not supported.
+        PreflightError: no config can be found (fast: see ``resolve_checkpoint``), or its ``model_type`` is
+            not supported (remote-code checkpoints named, with what to use instead).
+    """
+    return check_model(SimpleNamespace(model_name_or_path=model_name_or_path), cache_dir)
+
+
+def check_model(model_args: Any, cache_dir: str | None = None) -> dict[str, Any]:
+    """``check_model_path`` for ``--model_name_or_path``; when the hub is unreachable and the model is fully cached,
+    ``model_args.model_name_or_path`` becomes the cached snapshot folder (said in a warning), so no later load
+    waits on the network.
+
+    Raises:
+        PreflightError: as ``check_model_path``.
     """
     from transformers import AutoConfig
 
+    name = model_args.model_name_or_path
+    flag = f"--model_name_or_path {name}"
     try:
-        config = AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir)
+        source, config_file, note = resolve_checkpoint(name, cache_dir)
+        try:
+            raw = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise CheckpointError(f"no model config found ({config_file} is not JSON: {exc})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"no model config found ({config_file} holds {type(raw).__name__}, not an object)")
+        check_model_type(raw)
+    except CheckpointError as exc:
+        raise PreflightError(f"{flag}: {exc}") from None
+    if note:
+        logger.warning(note)
+        model_args.model_name_or_path = source
+    try:
+        config = AutoConfig.from_pretrained(source, cache_dir=cache_dir)
     except (OSError, ValueError) as exc:
-        raise PreflightError(
-            f"--model_name_or_path {model_name_or_path}: no model config found ({str(exc).splitlines()[0]}). "
-            "Give a local folder holding config.json, or a hub name already in the local cache (no downloads)."
-        ) from None
+        raise PreflightError(f"{flag}: no model config found ({str(exc).splitlines()[0]})") from None
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise PreflightError(
-            f"--model_name_or_path {model_name_or_path}: model_type {config.model_type!r} is not supported; "
-            f"expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{flag}: model_type {config.model_type!r} is not supported; expected one of "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     return config.to_dict()
 
@@ -90,6 +119,8 @@ def check_datasets(flag: str, value: str, packing: bool = False) -> list[Source]
             offline_packed(sources)
         except ValueError as exc:
             raise PreflightError(str(exc)) from None
+    else:
+        check_not_packed(flag, sources)
     for source in sources:
         if source.data_path and not os.path.isdir(source.data_path):
             raise PreflightError(
@@ -100,6 +131,28 @@ def check_datasets(flag: str, value: str, packing: bool = False) -> list[Source]
         except (ValueError, OSError) as exc:
             raise PreflightError(f"{flag} {source.name}: {exc}") from None
     return sources
+
+
+def check_not_packed(flag: str, sources: list[Source]) -> None:
+    """No source of a flag that reads plain samples is a file written by ``tools/pack_data.py``.
+
+    Raises:
+        PreflightError: naming the file and ``--data_packing True`` (for ``--dataset_use``), or the unpacked
+            file to evaluate on (``--eval_dataset_use``: evaluation reads samples, not groups).
+    """
+    for source in sources:
+        if source.kind != "json" or not is_packed_file(source.location):
+            continue
+        if flag == "--dataset_use":
+            raise PreflightError(
+                f"--dataset_use {source.name}: {source.location} holds groups of samples written by "
+                "tools/pack_data.py; add --data_packing True to train on its groups as written (or give the "
+                "unpacked annotation file)"
+            )
+        raise PreflightError(
+            f"{flag} {source.name}: {source.location} holds groups of samples written by tools/pack_data.py; "
+            "evaluation reads samples: give the unpacked annotation file"
+        )
 
 
 def check_report_to(report_to: list[str] | str | None) -> None:
@@ -208,6 +261,29 @@ def check_pixel_limits(data_args: Any, factor: int) -> None:
         raise PreflightError(f"--video_min_frames must be at least 1, got {data_args.video_min_frames}")
 
 
+def check_family_support(data_args: Any, training_args: Any, model_config: dict[str, Any]) -> None:
+    """What the checkpoint's family cannot do yet is refused here, before the model loads.
+
+    HF-processor families (``qwenvl/models/hf_family.py``, e.g. LLaVA) train on padded batches only: no
+    flattened batches or packing (``family.flatten_refusal``) and no ``group_by_length`` (their exact token
+    counts are not counted ahead).
+
+    Raises:
+        PreflightError: naming the flag, the family and the reason.
+    """
+    family = family_for(model_config)
+    if not family.uses_processor_items:
+        return
+    for flag in ("data_flatten", "data_packing"):
+        if getattr(data_args, flag, False):
+            raise PreflightError(f"--{flag} True: not supported for the {family.model_type} family "
+                                 f"({family.model_class_name}): {family.flatten_refusal}; train with padded batches "
+                                 f"(--data_flatten False --data_packing False)")
+    if getattr(training_args, "train_sampling_strategy", None) == "group_by_length":
+        raise PreflightError(f"--train_sampling_strategy group_by_length: not supported for the {family.model_type} "
+                             f"family yet (its exact token counts are not counted ahead); use random")
+
+
 def preflight(model_args: Any, data_args: Any, training_args: Any) -> dict[str, Any]:
     """Run every check that needs no model weights; returns the model config dict.
 
@@ -220,6 +296,8 @@ def preflight(model_args: Any, data_args: Any, training_args: Any) -> dict[str, 
         except (OSError, ValueError) as exc:
             raise PreflightError(f"--dataset_registry {data_args.dataset_registry}: {exc}") from None
         logger.info("registry file %s: %s", data_args.dataset_registry, ", ".join(added))
+    # The model first: a checkpoint that cannot be found or trained fails before any dataset is converted.
+    config = check_model(model_args, getattr(training_args, "cache_dir", None))
     if not data_args.dataset_use:
         raise PreflightError("--dataset_use is empty: name the datasets to train on, e.g. --dataset_use "
                              "demo_single_image,my_dataset%50 (registry names from qwenvl/data/__init__.py)")
@@ -230,6 +308,6 @@ def preflight(model_args: Any, data_args: Any, training_args: Any) -> dict[str, 
     check_eval(training_args, data_args)
     check_trainable(model_args, training_args)
     check_attention(model_args.attn_implementation)
-    config = check_model_path(model_args.model_name_or_path, getattr(training_args, "cache_dir", None))
+    check_family_support(data_args, training_args, config)
     check_pixel_limits(data_args, vision_factor(model_args.model_name_or_path, config))
     return config

@@ -9,6 +9,8 @@ them in ``wandb/offline-run-*/files/wandb-summary.json``.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections import Counter
 from typing import Any
 
@@ -132,6 +134,34 @@ def quiet_library_warnings() -> None:
     ]
     for category, module, message in noise:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    deepspeed_logger = logging.getLogger("DeepSpeed")  # the logger deepspeed.utils creates (same object)
+    if not any(isinstance(f, OncePerRunFilter) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(OncePerRunFilter(("Setting accelerator to CPU",)))
+
+
+class OncePerRunFilter(logging.Filter):
+    """Let a message that every process logs through only on the first rank (``RANK`` 0 or unset), once.
+
+    DeepSpeed's "Setting accelerator to CPU" comes from each process that imports it: one line says it.
+
+    Args:
+        prefixes: starts of the messages to keep to one line per run.
+    """
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        prefix = next((p for p in self.prefixes if message.startswith(p)), None)
+        if prefix is None:
+            return True
+        if os.environ.get("RANK", "0") != "0" or prefix in self.seen:
+            return False
+        self.seen.add(prefix)
+        return True
 
 
 def _estimated_tokens(dataset: Any) -> tuple[float | None, bool]:
@@ -179,12 +209,19 @@ class StartupSummaryCallback(TrainerCallback):
         self.distributed = str(distributed_type).split(".")[-1]
         self.trainable = trainable
         self.params = parameter_summary(model)
+        self.weights_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.legacy_notes = list(legacy_notes or [])
         self.resume_from = resume_from
         self.text = ""
 
-    def summary(self, args: Any, state: Any) -> str:
-        """The block's text."""
+    def summary(self, args: Any, state: Any, train_dataloader: Any = None) -> str:
+        """The block's text.
+
+        Args:
+            args, state: the Trainer's arguments and state (``state.max_steps`` set).
+            train_dataloader: the Trainer's (per-process) train dataloader: epochs are counted from its
+                length as the Trainer counts them; without it, from the dataset's length.
+        """
         world = max(int(args.world_size), 1)
         per_device = int(args.per_device_train_batch_size)
         accumulation = int(args.gradient_accumulation_steps)
@@ -211,23 +248,115 @@ class StartupSummaryCallback(TrainerCallback):
             + (f"; eval {len(self.eval_dataset):,} samples" if self.eval_dataset is not None else ""),
             f"batch: {per_device} per device x {world} process(es) x {accumulation} accumulation = {effective} "
             f"{'packed rows' if self.data_args.data_packing else 'samples'} per optimizer step",
-            f"steps: {state.max_steps:,} optimizer steps = {state.max_steps * effective / max(len(self.train_dataset), 1):.2f} "
-            f"epoch(s) of {len(self.train_dataset):,} items"
-            + (f" (--max_steps {args.max_steps})" if args.max_steps > 0 else f" (--num_train_epochs {args.num_train_epochs:g})"),
+            steps_line(args, state, len(self.train_dataset), effective, train_dataloader),
+            f"precision: {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'} (weights {self.weights_dtype}); "
+            f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}",
             f"tokens per step: {tokens}",
-            f"logging every {args.logging_steps:g} step(s); saving every {args.save_steps:g} step(s) to "
-            f"{args.output_dir}",
+            loss_line(args, world),
+            *interval_lines(args, state),
         ]
         plan = getattr(self.train_dataset, "plan", None)
         if plan is not None:  # online packing
             lines.append(f"packing: {len(plan.members):,} samples in {len(plan):,} rows of {plan.pack_length:,} "
                          f"tokens, fill {100 * plan.fill:.2f}%")
         lines += [f"old flag: {note}" for note in self.legacy_notes]
+        if getattr(args, "launch_note", None):
+            lines.append(f"launch: {args.launch_note}")
+        lines += config_file_lines(args)
         if self.resume_from:
             lines.append(f"resuming from {self.resume_from}")
         return "\n".join(lines)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         if state.is_world_process_zero:
-            self.text = self.summary(args, state)
+            self.text = self.summary(args, state, train_dataloader)
             logger.info("start-up summary\n%s", "\n".join("  " + line for line in self.text.splitlines()))
+
+
+def steps_line(args: Any, state: Any, items: int, effective: int, train_dataloader: Any = None) -> str:
+    """``steps: 2 optimizer steps = 2.00 epoch(s) of 2 items (--max_steps 2), 1 step(s) per epoch``.
+
+    Epochs are optimizer steps over the steps of one pass through the train dataloader, counted as the
+    Trainer counts them (``ceil(len(dataloader) / accumulation)``), so a dataset smaller than one
+    effective batch (the sampler pads it with repeats) or packed rows count right.
+
+    Args:
+        args, state: the Trainer's arguments and state.
+        items: ``len(train_dataset)`` (rows: packed groups for a packed run).
+        effective: items per optimizer step over all processes.
+        train_dataloader: the Trainer's per-process train dataloader, or None (then ``items / effective``).
+    """
+    try:
+        batches = len(train_dataloader) if train_dataloader is not None else None
+    except TypeError:  # an iterable dataset has no length
+        batches = None
+    accumulation = max(int(args.gradient_accumulation_steps), 1)
+    if batches:
+        per_epoch = max(math.ceil(batches / accumulation), 1)
+    else:
+        per_epoch = max(math.ceil(items / max(effective, 1)), 1)
+    source = f"--max_steps {args.max_steps}" if args.max_steps > 0 else f"--num_train_epochs {args.num_train_epochs:g}"
+    return (f"steps: {state.max_steps:,} optimizer steps = {state.max_steps / per_epoch:.2f} epoch(s) of {items:,} "
+            f"items ({source}), {per_epoch:,} step(s) per epoch")
+
+
+# ------------------------------------------------------------ config files
+def steps_text(value: float, resolved: int | None, max_steps: int) -> str:
+    """An interval as the summary states it: ``every 2 step(s)``, or, for a fraction of the run,
+    ``every 0.1 of the run = every 2 step(s) of 20``.
+
+    Example:
+        >>> steps_text(0.1, 2, 20), steps_text(5, 5, 20)
+        ('every 0.1 of the run = every 2 step(s) of 20', 'every 5 step(s)')
+    """
+    if value < 1:
+        steps = resolved if resolved else max(1, math.ceil(max_steps * value))
+        return f"every {value:g} of the run = every {steps} step(s) of {max_steps}"
+    return f"every {value:g} step(s)"
+
+
+def interval_lines(args: Any, state: Any) -> list[str]:
+    """Logging, evaluation and saving intervals, fractions resolved to the steps the Trainer uses."""
+    max_steps = int(state.max_steps)
+    line = f"logging {steps_text(args.logging_steps, getattr(state, 'logging_steps', None), max_steps)}; saving "
+    line += f"{steps_text(args.save_steps, getattr(state, 'save_steps', None), max_steps)} to {args.output_dir}"
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if strategy == "steps" and args.eval_steps is not None:
+        line += f"; evaluating {steps_text(args.eval_steps, getattr(state, 'eval_steps', None), max_steps)}"
+    return [line]
+
+
+def config_file_lines(args: Any) -> list[str]:
+    """The config files read, which file (or the command line) set each non-default value (and to what), and what
+    file keys were translated to (``TrainingArguments.config_*``, written by ``parse_args``)."""
+    files = getattr(args, "config_files", [])
+    if not files:
+        return []
+    lines = ["config files: " + ", ".join(f"{path} ({'+'.join(kinds)})" for path, kinds in files)]
+    origins = getattr(args, "config_origins", {})
+    values = getattr(args, "config_values", {})
+    by_origin: dict[str, list[str]] = {}
+    for name, origin in sorted(origins.items()):
+        by_origin.setdefault(origin, []).append(f"{name}={values.get(name, '?')}")
+    lines += [f"set by {origin}: {', '.join(names)}" for origin, names in by_origin.items()]
+    lines += [f"config: {note}" for note in getattr(args, "config_notes", [])]
+    return lines
+
+
+def loss_line(args: Any, world: int) -> str:
+    """How a step weighs its tokens (``--loss_average``) and, with several processes, DDP's unused-parameter search.
+
+    Example:
+        >>> loss_line(TrainingArguments(output_dir="o", gradient_accumulation_steps=4), 1)
+        'loss: token mean over the 4 accumulated micro-batches (--loss_average token)'
+    """
+    average = getattr(args, "loss_average", "token")
+    scope = f"the {args.gradient_accumulation_steps} accumulated micro-batches" \
+        if args.gradient_accumulation_steps > 1 else "the micro-batch"
+    if world > 1:
+        scope += f" of all {world} processes" if average == "token" else f", then averaged over {world} processes"
+    text = f"loss: {'token mean over' if average == 'token' else 'mean of the token means of'} {scope} " \
+           f"(--loss_average {average})"
+    if world > 1 and args.ddp_find_unused_parameters is not None and not (args.deepspeed or args.fsdp):
+        text += f"; DDP find_unused_parameters {args.ddp_find_unused_parameters}"
+    return text

@@ -22,7 +22,7 @@ if str(_REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoConfig, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, ProcessorMixin  # noqa: E402
 
 from qwenvl.data.data_qwen import make_supervised_data_module  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
@@ -30,16 +30,19 @@ from qwenvl.models import family_for  # noqa: E402
 from qwenvl.models.loading import load_image_processor, model_class_for  # noqa: E402  (also imported from here)
 import qwenvl.train.attention  # noqa: E402,F401  (registers --attn_implementation sdpa_packed)
 from qwenvl.train.argument import ConfigError, ModelArguments, TrainingArguments, parse_args  # noqa: E402
+from qwenvl.train.config_files import check_run  # noqa: E402
 from qwenvl.train.bad_samples import BadSampleMonitor, dataset_sizes  # noqa: E402
 from qwenvl.train.trainer import LLM, PROJECTOR, VISION_TOWER, QwenVLTrainer, classify_parameter, describe_trainable  # noqa: E402
 from qwenvl.train.distributed import (  # noqa: E402
     OptimizerGroupsCallback, configure_fsdp, expected_optimizer_groups, fsdp_fallback_reason, prepare_deepspeed,
 )
+from qwenvl.train.launch import allow_single_process  # noqa: E402
 from qwenvl.train.lora import apply_lora, quantization_config  # noqa: E402
+from qwenvl.train.plots import LossPlotCallback  # noqa: E402
 from qwenvl.train.preflight import preflight  # noqa: E402
 from qwenvl.train.runs import (  # noqa: E402,F401  (find_resume_checkpoint: kept importable from here)
-    checkpoint_step, copy_final_model, find_resume_checkpoint, finished_run, mark_finished, model_files,
-    resume_checkpoint, start_over,
+    checkpoint_step, copy_final_model, find_resume_checkpoint, finished_run, hold_output_dir, mark_finished,
+    model_files, resume_checkpoint, start_over,
 )
 from qwenvl.train.tracking import (  # noqa: E402
     RunSummaryCallback, StartupSummaryCallback, dataset_summary, parameter_summary, quiet_library_warnings,
@@ -95,7 +98,10 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments) -> 
 
 def save_processor(tokenizer: Any, image_processor: Any, data_args: Any, output_dir: str) -> None:
     """Save the tokenizer (chat template included) and the image processor with the pixel limits used in training,
-    so inference preprocesses the same way."""
+    so inference preprocesses the same way. A whole processor (HF-processor families) is saved as it was loaded."""
+    if isinstance(image_processor, ProcessorMixin):
+        image_processor.save_pretrained(output_dir)
+        return
     image_processor.size = {"shortest_edge": int(data_args.min_pixels), "longest_edge": int(data_args.max_pixels)}
     for attr, value in (("min_pixels", data_args.min_pixels), ("max_pixels", data_args.max_pixels)):
         if hasattr(image_processor, attr):
@@ -113,9 +119,20 @@ def train(argv: list[str] | None = None) -> Path:
     # Token counts and DataLoader workers fork this process: the tokenizer's thread pool would only be
     # disabled in the children with a warning (and slows the short encodes of one process).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_library_warnings()  # before TrainingArguments, which may import DeepSpeed (its once-per-run line)
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
+    # One run per --output_dir; RANK, not training_args, so no device is set up before preflight's checks.
+    with hold_output_dir(training_args.output_dir, is_main=int(os.environ.get("RANK", "0")) == 0):
+        return _train(model_args, data_args, training_args)
+
+
+def _train(model_args: ModelArguments, data_args: Any, training_args: TrainingArguments) -> Path:
+    """``train`` after the flags are parsed, with ``--output_dir`` held."""
     preflight(model_args, data_args, training_args)  # seconds: datasets, integrations, eval, tune flags, limits
+    # Config files: model_classes against the checkpoint, data_processing's modalities against the datasets.
+    training_args.config_notes = [*getattr(training_args, "config_notes", []),
+                                  *check_run(model_args, data_args, training_args)]
     output_dir = training_args.output_dir
     if training_args.overwrite_output_dir:
         with training_args.main_process_first(local=False, desc="--overwrite_output_dir"):
@@ -133,7 +150,12 @@ def train(argv: list[str] | None = None) -> Path:
         model_args.model_name_or_path, cache_dir=training_args.cache_dir,
         model_max_length=training_args.model_max_length, padding_side="right",
     )
-    image_processor = load_image_processor(model_args.model_name_or_path, training_args.cache_dir)
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+    family = family_for(config)
+    if family.uses_processor_items:  # LLaVA & co.: the whole processor (chat template, image processor) builds items
+        image_processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+    else:
+        image_processor = load_image_processor(model_args.model_name_or_path, training_args.cache_dir)
     if (checkpoint is not None and 0 < training_args.max_steps <= checkpoint_step(checkpoint)
             and model_files(checkpoint)):
         # The run stopped after its last checkpoint but before the final save. Resuming would make the
@@ -147,9 +169,11 @@ def train(argv: list[str] | None = None) -> Path:
         return Path(output_dir)
     # The data before the model: exact token counts (online packing, group_by_length) and a bad sample under
     # --bad_sample_policy error are found without weights in memory.
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
-    family = family_for(config)
-    vision_config = VisionConfig.from_image_processor(image_processor, data_args.min_pixels, data_args.max_pixels)
+    if family.uses_processor_items:  # the processor resizes; the released geometry, for reports only
+        vision_config = family.vision_defaults.image_config()
+    else:
+        vision_config = VisionConfig.from_image_processor(image_processor, data_args.min_pixels, data_args.max_pixels,
+                                                          data_args.image_resize_mode, data_args.image_max_size)
     data_module = make_supervised_data_module(
         tokenizer,
         data_args,
@@ -159,6 +183,7 @@ def train(argv: list[str] | None = None) -> Path:
         model_max_length=training_args.model_max_length,
         seed=training_args.seed,
         tokens_per_second=getattr(config.vision_config, "tokens_per_second", 2),
+        processor=image_processor if family.uses_processor_items else None,
     )
     if training_args.train_sampling_strategy == "group_by_length" and hasattr(data_module["train_dataset"],
                                                                                "exact_lengths"):
@@ -186,6 +211,7 @@ def train(argv: list[str] | None = None) -> Path:
                                               data_args.bad_sample_threshold, training_args.output_dir))
     # Fails at train begin if DeepSpeed (or anything) replaced the per-module optimizer groups.
     trainer.add_callback(OptimizerGroupsCallback(expected_optimizer_groups(model, training_args)))
+    trainer.add_callback(LossPlotCallback())  # output_dir/loss.png at each save and at the end (rank 0)
     trainer.add_non_finite_guard()  # all ranks stop at a non-finite loss or grad norm; NaN weights are never saved
     if "wandb" in training_args.report_to:
         summary = parameter_summary(model) | dataset_summary(data_module["train_dataset"], data_module["eval_dataset"])
@@ -215,6 +241,7 @@ def train(argv: list[str] | None = None) -> Path:
 
 
 def main() -> None:
+    allow_single_process()  # --deepspeed / --fsdp / --ddp_backend without torchrun: 1 process (train/launch.py)
     try:
         train()
     except ConfigError as exc:  # a setting that cannot work: the message says which flag, no traceback

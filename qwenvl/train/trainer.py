@@ -19,7 +19,7 @@ from qwenvl.models import FAMILIES, LLM, PROJECTOR, VISION_TOWER, family_for
 from qwenvl.train.bad_samples import BadSampleMonitor
 from qwenvl.train.checkpoint import checkpoint_weight_files, load_checkpoint_weights
 from qwenvl.train.guards import SAMPLE_REFS_KEY, NonFiniteGuard, SampleRefsCollator, WithSampleRefs
-from qwenvl.train.loss import compute_lm_loss, select_loss_impl
+from qwenvl.train.loss import IGNORE_INDEX, compute_lm_loss, select_loss_impl
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,15 @@ def find_submodule(model: nn.Module, leaf_name: str) -> nn.Module | None:
     return None
 
 
+def media_keys(model: nn.Module) -> tuple[str, ...]:
+    """The batch keys of the media ``model``'s family takes (``pixel_values`` and ``pixel_values_videos`` for Qwen,
+    ``pixel_values`` for LLaVA); a model of no registered family: the Qwen keys."""
+    try:
+        return family_for(getattr(model, "config", None)).media_keys
+    except ValueError:
+        return ("pixel_values", "pixel_values_videos")
+
+
 def vision_features_for_llm(output: object) -> list[torch.Tensor]:
     """The outputs of one vision-tower call that the model feeds its LLM, and only those.
 
@@ -224,10 +233,35 @@ class QwenVLTrainer(Trainer):
     _vision_needs_sync: bool | None = None
     _llm_trains: bool = True
 
+    _unused_check_pending: bool = False
+
     def __init__(self, *args: Any, **kwargs: Any):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        decided = training_args is not None and getattr(training_args, "ddp_find_unused_parameters", False) is None
+        if decided:
+            # Every trainable parameter takes part in every step: the dummy vision passes (``compute_loss``) run
+            # the tower on ranks whose micro-batch has no image or video. transformers' default (True without
+            # activation checkpointing) would make DDP walk the whole graph after each backward for nothing.
+            training_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
+        self._unused_check_pending = decided and self.args.world_size > 1 and not (
+            self.is_deepspeed_enabled or self.is_fsdp_enabled)
         if hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(EpochCallback(self.train_dataset))
+        # --loss_average token: our loss is already the token mean of the accumulated batch (``_loss``), so the
+        # Trainer must not divide it by the accumulation steps again; micro_batch: the Trainer's division.
+        self.loss_is_scaled_for_ga = True if self.token_average else None
+        self._counting_for_training = False
+
+    @property
+    def token_average(self) -> bool:
+        """``--loss_average token`` (the default): every learned token of an optimizer step weighs the same.
+
+        transformers' Qwen-VL classes say ``accepts_loss_kwargs = False``, so a plain Trainer averages each
+        micro-batch on its own and then the micro-batches (``micro_batch``, the original's weighting): with
+        accumulation, or several ranks, tokens of short micro-batches weigh more than tokens of long ones.
+        """
+        return getattr(self.args, "loss_average", "token") == "token"
 
     def dummy_vision_calls(self, model: nn.Module, inputs: dict) -> int:
         """Dummy vision passes this micro-batch needs so every rank runs the tower alike.
@@ -248,7 +282,7 @@ class QwenVLTrainer(Trainer):
             trains nor is sharded (ZeRO-3, FSDP), or on a single process whose LLM
             trains; else the number of missing modalities (1 or 2).
         """
-        missing = sum(inputs.get(key) is None for key in ("pixel_values", "pixel_values_videos"))
+        missing = sum(inputs.get(key) is None for key in media_keys(self.accelerator.unwrap_model(model)))
         if not missing:
             return 0
         if self._vision_needs_sync is None:
@@ -324,7 +358,8 @@ class QwenVLTrainer(Trainer):
         """``Trainer.compute_loss`` with the dummy vision passes ``compute_loss`` describes."""
         calls = self.dummy_vision_calls(model, inputs)
         host = self.accelerator.unwrap_model(model) if calls else None
-        visual = find_submodule(host, "visual") if calls else None
+        family = family_for(host.config) if calls else None
+        visual = find_submodule(host, family.vision_module) if calls else None
         if visual is None:
             return self._loss(model, inputs, return_outputs, num_items_in_batch)
         language_model = find_submodule(host, "language_model")
@@ -342,10 +377,13 @@ class QwenVLTrainer(Trainer):
                 raise RuntimeError(f"{type(module).__name__} was called without inputs_embeds=: cannot attach the "
                                    "dummy vision features where the real ones go")
             reference = next(visual.parameters())  # the tower's dtype/device, even when ZeRO-3 partitioned it
-            pixel_values, grid_thw = family_for(host.config).dummy_vision_input(visual.config, reference.dtype,
-                                                                                reference.device)
-            features = [f for _ in range(calls) for f in vision_features_for_llm(visual(pixel_values,
-                                                                                          grid_thw=grid_thw))]
+            if family.uses_processor_items:  # LLaVA & co.: a black image through tower and projector
+                features = [f for _ in range(calls)
+                            for f in family.dummy_vision_features(host, reference.dtype, reference.device)]
+            else:
+                pixel_values, grid_thw = family.dummy_vision_input(visual.config, reference.dtype, reference.device)
+                features = [f for _ in range(calls) for f in vision_features_for_llm(visual(pixel_values,
+                                                                                              grid_thw=grid_thw))]
             zero = 0.0 * torch.stack([f.float().sum() for f in features]).sum()
             kwargs["inputs_embeds"] = embeds + zero.to(embeds.dtype)
             return args, kwargs
@@ -375,15 +413,66 @@ class QwenVLTrainer(Trainer):
             logger.info("training loss: %s (%s)", self._training_loss, reason)
         if not model.training or self._training_loss == "model":
             inputs.pop("skip_logits", None)  # set by the Trainer for liger-patched models only
+            if (model.training and self.token_average and num_items_in_batch is not None
+                    and self.compute_loss_func is None):
+                return self._model_loss_as_token_sum(model, inputs, return_outputs, num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         loss, outputs = compute_lm_loss(model, inputs, num_items_in_batch, impl=self._training_loss)
-        if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
-                and num_items_in_batch is not None):
-            # As Trainer.compute_loss: gradients are averaged over ranks, the item count is global.
-            scale = self.accelerator.num_processes // self.get_tp_size()
-            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        loss = loss * self._rank_scale(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _rank_scale(self, num_items_in_batch: torch.Tensor | int | None) -> int:
+        """Factor that undoes the ranks' gradient averaging when the item count is the global one (as
+        ``Trainer.compute_loss`` applies it): DDP / DeepSpeed / FSDP average gradients over ranks, and each rank's
+        loss is its token sum over every rank's tokens."""
+        if num_items_in_batch is None or not self.args.average_tokens_across_devices:
+            return 1
+        if self.args.n_gpu > 1:
+            return self.args.n_gpu
+        return self.accelerator.num_processes // self.get_tp_size()
+
+    def _model_loss_as_token_sum(self, model: nn.Module, inputs: dict, return_outputs: bool,
+                                 num_items_in_batch: torch.Tensor | int) -> Any:
+        """The model's own loss (a mean over this micro-batch) turned into this micro-batch's share of the token
+        mean of the accumulated batch, ``sum / num_items_in_batch`` (``--loss_average token``).
+
+        A MoE model adds ``router_aux_loss_coef x aux_loss`` to its mean: that term keeps the original weighting
+        (divided by the accumulation steps, averaged over ranks), only the cross-entropy is re-weighted.
+        """
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs["labels"][..., 1:]
+        micro_items = labels.ne(IGNORE_INDEX).sum()
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+        aux = outputs.get("aux_loss") if isinstance(outputs, dict) else getattr(outputs, "aux_loss", None)
+        router = 0.0
+        if aux is not None:
+            config = getattr(self.accelerator.unwrap_model(model).config, "text_config", None)
+            coef = getattr(config, "router_aux_loss_coef", 0.0) or 0.0
+            router = coef * aux.to(loss.dtype)
+        cross_entropy = (loss - router) * micro_items.to(loss.dtype) / num_items_in_batch
+        loss = cross_entropy * self._rank_scale(num_items_in_batch) + router / self.current_gradient_accumulation_steps
+        if isinstance(outputs, dict):
+            outputs["loss"] = loss
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch: torch.Tensor | int | None = None
+                      ) -> torch.Tensor:
+        """The Trainer's step; after the first backward under DDP with ``find_unused_parameters`` decided False
+        here, a trainable parameter without a gradient stops the run naming it (DDP itself would fail one step
+        later with parameter indices only)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._unused_check_pending:
+            self._unused_check_pending = False
+            unused = [name for name, p in self.accelerator.unwrap_model(model).named_parameters()
+                      if p.requires_grad and p.grad is None]
+            if unused:
+                shown = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+                raise RuntimeError(f"{len(unused)} trainable parameter(s) got no gradient in the first step: {shown}. "
+                                   "Pass --ddp_find_unused_parameters True to train a model whose forward leaves "
+                                   "trainable weights unused.")
+        return loss
 
     last_grad_norm: float | torch.Tensor | None = None
 
@@ -455,9 +544,7 @@ class QwenVLTrainer(Trainer):
         optimizer_kwargs.pop("params", None)
         optimizer_kwargs.pop("model", None)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        for group in groups:
-            logger.info("optimizer group %-22s %4d tensors lr=%g weight_decay=%g", group["name"],
-                        len(group["params"]), group["lr"], group["weight_decay"])
+        # The groups are logged once, from the optimizer that steps (distributed.OptimizerGroupsCallback).
         return self.optimizer
 
     # ------------------------------------- checkpoint weights, saved layout (qwenvl/train/checkpoint.py)
@@ -504,9 +591,26 @@ class QwenVLTrainer(Trainer):
                 for problem in problems:
                     logger.warning("skipped bad sample (%s): %s", problem.kind, problem.message)
 
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The Trainer's micro-batches of one optimizer step and their learned-token count (training only)."""
+        self._counting_for_training = True
+        try:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        finally:
+            self._counting_for_training = False
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
-        """The Trainer's label count, at least 1: a window of all-bad placeholder batches has none (0/0 = NaN)."""
-        count = super()._get_num_items_in_batch(batch_samples, device)
+        """Learned tokens of the accumulated batch (``--loss_average token``: over every rank, as transformers
+        counts them for text models: ``labels[..., 1:] != -100``), else the Trainer's count; at least 1, since
+        a window of all-bad placeholder batches has none (0/0 = NaN)."""
+        if self.token_average and self._counting_for_training and batch_samples and "labels" in batch_samples[0]:
+            count = sum(batch["shift_labels"].ne(IGNORE_INDEX).sum() if "shift_labels" in batch
+                        else batch["labels"][..., 1:].ne(IGNORE_INDEX).sum() for batch in batch_samples)
+            count = count.to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count).sum()
+        else:
+            count = super()._get_num_items_in_batch(batch_samples, device)
         if torch.is_tensor(count):
             return count.clamp(min=1)
         return max(count, 1) if count is not None else None

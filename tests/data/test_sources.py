@@ -458,7 +458,7 @@ def test_two_processes_converting_at_once_write_one_file(tmp_path, cache_dir):
     assert all(p.returncode == 0 for p in processes), [err[-2000:] for _, err in outputs]
     (path_a, kept_a), (path_b, kept_b) = (json.loads(out) for out, _ in outputs)
     assert path_a == path_b and kept_a == kept_b == sample_indices(20000, 0.1, 7, str(path))
-    stored = [p.name for p in cache_dir.iterdir() if not p.name.endswith((".lock", ".meta"))]
+    stored = [p.name for p in cache_dir.iterdir() if not p.name.endswith((".lock", ".meta", ".files.json"))]
     assert stored == [os.path.basename(path_a)]  # no second store, no temporary file left
     converted = [":converting " in err for _, err in outputs]  # the log line of the process that converts
     assert sorted(converted) == [False, True], [err for _, err in outputs]

@@ -20,9 +20,9 @@ def _record(question: str) -> dict:
 OTHER = dataclasses.replace(family_for("qwen2_5_vl"), tokens=SpecialTokens(im_start="<|turn_start|>"))
 
 
-@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@pytest.mark.parametrize("model_type", sorted(t for t, f in FAMILIES.items() if not f.uses_processor_items))
 def test_every_family_refuses_the_tokens_refused_without_one(model_type):
-    """Today's families share Qwen's tokens, so passing the family changes nothing for them."""
+    """The Qwen families share Qwen's tokens, so passing the family changes nothing for them."""
     family = FAMILIES[model_type]
     assert set(family.tokens.structure()) == set(STRUCTURE_TOKENS)
     for token in ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>"):
@@ -53,3 +53,13 @@ def test_the_validator_checks_with_its_family():
         "special_token_in_text",
         "d.json:2: user text contains <|turn_start|>, a token that structures the chat; remove it from the data")
     assert SampleValidator(VisionConfig()).validate(_record("Hi <|turn_start|>"), ref) is None
+
+
+def test_an_hf_processor_family_refuses_its_own_tokens_only():
+    """LLaVA: its tokenizer's bos/eos structure the chat; Qwen's tokens are plain text; <image> is the media tag."""
+    family = family_for("llava")
+    with pytest.raises(BadSampleError) as info:
+        check_record(_record("Say </s> twice."), "d.json", 3, family)
+    assert str(info.value) == "d.json:3: user text contains </s>, a token that structures the chat; remove it from the data"
+    assert check_record(_record("Say <|im_start|> twice."), "d.json", 3, family).conversation.turns[0] == (
+        "user", "Say <|im_start|> twice.")

@@ -215,8 +215,8 @@ def test_weights_are_deterministic_from_seed(tiny_model_factory: Callable[[str],
 
 
 def test_build_rejects_unknown_model_type(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl', 'qwen3_vl_moe'.*'llava'"):
-        build_tiny_model(tmp_path, model_type="llava")
+    with pytest.raises(ValueError, match="'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl', 'qwen3_vl_moe', 'llava'.*'mllama'"):
+        build_tiny_model(tmp_path, model_type="mllama")
 
 
 def test_find_qwen_tokenizer_files(monkeypatch: pytest.MonkeyPatch) -> None:

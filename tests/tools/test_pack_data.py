@@ -573,3 +573,52 @@ def test_input_named_twice_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match=re.escape(f"reads {path} twice ('demo_text_only' and '{path}')")):
         main(["demo_text_only", path, "--model_name_or_path", str(tiny_model_dir), "--output",
               str(tmp_path / "x.json")])
+
+
+def test_registry_inputs_are_packed_as_name_pack_and_the_printed_commands_train(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from qwenvl.train.argument import ConfigError
+    from qwenvl.train.train_qwen import train
+
+    out = tmp_path / "out"
+    main(["demo_text_only", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "    demo_text_only_pack:\n      annotation_path: " + str(out / "text_only_pack.json") in printed
+    assert "--data_packing True --dataset_use demo_text_only_pack\n" in printed
+    # text only: no media to find, so the file's path trains as well
+    assert f"  or, without a registry entry: --data_packing True --dataset_use {out / 'text_only_pack.json'}" in printed
+
+    main(["demo_single_image%50", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
+          "--max_pixels", "64*28*28"])
+    printed = capsys.readouterr().out
+    demo = Path(registry.data_dict["demo_single_image"]["data_path"]).resolve()
+    assert "--dataset_use demo_single_image_50pct_pack\n" in printed
+    assert (f"  (the file's path alone would not do: its media paths are relative to {demo}, not to {out})"
+            in printed)
+    assert "without a registry entry" not in printed
+
+    registry_file = tmp_path / "my_registry.yaml"
+    main(["demo_text_only", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
+          "--registry_file", str(registry_file)])
+    assert (f"registered 'demo_text_only_pack' in {registry_file}; train with: --dataset_registry {registry_file} "
+            "--data_packing True --dataset_use demo_text_only_pack") in capsys.readouterr().out
+
+    # The printed commands pass every check before the model loads: a copy of the checkpoint without weights
+    # fails in the loader, after the registry entry resolved and the packed file was accepted.
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    for path in tiny_model_dir.iterdir():
+        if not path.name.endswith(".safetensors"):
+            shutil.copy(path, weightless / path.name)
+    common = ["--model_name_or_path", str(weightless), "--tune_mm_llm", "True", "--use_cpu", "True",
+              "--report_to", "none", "--max_steps", "1", "--data_packing", "True"]
+    try:
+        for dataset_use in (["--dataset_registry", str(registry_file), "--dataset_use", "demo_text_only_pack"],
+                            ["--dataset_use", str(out / "text_only_pack.json")]):
+            with pytest.raises(OSError, match="model.safetensors|no file named"):
+                train([*common, "--output_dir", str(tmp_path / "run"), *dataset_use])
+    finally:
+        registry.data_dict.pop("demo_text_only_pack", None)  # added by --dataset_registry: keep other tests' registry
+    with pytest.raises(ConfigError, match="holds groups of samples written by tools/pack_data.py; add --data_packing"):
+        train([*common[:-2], "--output_dir", str(tmp_path / "run"), "--dataset_use", str(out / "text_only_pack.json")])

@@ -70,6 +70,8 @@ PACK_NAME = "rank_sync_pack"
 BACKENDS = {  # name: TrainingArguments overrides
     "ddp": {"ddp_find_unused_parameters": False},
     "ddp_find_unused": {"ddp_find_unused_parameters": True},
+    "ddp_micro_batch": {"ddp_find_unused_parameters": False, "loss_average": "micro_batch"},  # the original's weighting
+    "ddp_default": {},  # find_unused_parameters left to QwenVLTrainer (decided False)
     "zero2": {"deepspeed": str(REPO_ROOT / "scripts" / "zero2.json")},
     "zero3": {"deepspeed": str(REPO_ROOT / "zero3.json")},
     "zero3_offload": {"deepspeed": str(REPO_ROOT / "scripts" / "zero3_offload.json")},
@@ -222,6 +224,8 @@ def train_run(model_dir: str, out_dir: Path, backend: str, scenario: str, items:
     )
     init_deepspeed_distributed(args)  # --deepspeed only: deepspeed.comm up before ZeRO-3 builds the model
     model = load_model(model_dir)
+    if scenario == "unused_param":  # a trainable weight the forward never uses
+        model.unused_head = torch.nn.Linear(4, 4)
     vision_calls: list[int] = []
     hook = find_submodule(model, "visual").register_forward_hook(lambda *_: vision_calls.append(1))
     trainer = RecordingTrainer(model=model, args=args, train_dataset=Fixed(items), data_collator=collator(scenario))
@@ -235,10 +239,17 @@ def train_run(model_dir: str, out_dir: Path, backend: str, scenario: str, items:
         except NonFiniteError as error:
             report["error"] = str(error)
         report["global_step"] = trainer.state.global_step
+    elif scenario == "unused_param":
+        try:
+            trainer.train()
+        except RuntimeError as error:
+            report["error"] = str(error)
+        report["find_unused_parameters"] = args.ddp_find_unused_parameters
+        report["global_step"] = trainer.state.global_step
     else:
         trainer.train()
     hook.remove()
-    report |= {"seen": trainer.seen, "vision_calls": len(vision_calls),
+    report |= {"seen": trainer.seen, "vision_calls": len(vision_calls), "engine": type(trainer.model_wrapped).__name__,
                "partitioned": all(hasattr(p, "ds_id") for p in model.parameters())}
     reports: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(reports, report)
@@ -250,7 +261,7 @@ def train_run(model_dir: str, out_dir: Path, backend: str, scenario: str, items:
     with gather:
         params = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     if torch.distributed.get_rank() == 0:
-        if not guard:
+        if not guard and scenario != "unused_param":
             torch.save(params, out_dir / f"{run}.pt")
         (out_dir / f"{run}.json").write_text(json.dumps(reports))
     torch.distributed.barrier()
@@ -262,10 +273,12 @@ def main(argv: list[str]) -> None:
     model_dir, out_dir, pack_file, runs = argv[0], Path(argv[1]), argv[2], argv[3:]
     torch.set_num_threads(1)
     items: dict[str, list] = {}
-    for run in runs:
+    # DDP runs first: once a DeepSpeed run has set up accelerate's process-wide state, a later run of the same
+    # process would be wrapped by DeepSpeed again whatever its arguments (each report names its engine).
+    for run in sorted(runs, key=lambda run: "deepspeed" in BACKENDS[run.split(":")[0]]):
         start = time.perf_counter()
         backend, scenario = run.split(":")
-        source = "text_image" if scenario == "nan_guard" else scenario
+        source = "text_image" if scenario in ("nan_guard", "unused_param") else scenario
         if source not in items:
             items[source] = scenario_items(model_dir, source, pack_file)
         train_run(model_dir, out_dir, backend, scenario, items[source])

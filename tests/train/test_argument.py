@@ -23,7 +23,8 @@ def as_dicts(parsed) -> list[dict]:
 
 @pytest.mark.parametrize("command", [
     "qwenvl/train/train_qwen.py", "tools/pack_data.py", "tools/check_image.py", "tools/build_tiny_model.py",
-    "tools/infer.py", "tools/merge_lora.py", "tools/make_demo_data.py", "tools/make_demo_videos.py",
+    "tools/infer.py", "tools/merge_lora.py", "tools/preview.py", "tools/make_demo_data.py", "tools/make_demo_videos.py",
+    "tools/plot_loss.py",
     *sorted(str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "bench").glob("*.py")),
 ])
 def test_help_of_every_command(command):

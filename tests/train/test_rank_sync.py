@@ -16,11 +16,13 @@ used the tower's unused ``last_hidden_state`` too (one more backward entry into 
 tower than a real pass). With image+video it hung. A one-step run cannot see it: the
 trace is recorded in step 1 and compared across ranks at the start of step 2.
 
-The oracle is one process over the same global batches: at each step the mean of
-the two micro-batch losses (what DDP and DeepSpeed average: Qwen2.5-VL sets
-``accepts_loss_kwargs = False``, so the Trainer does not re-weight micro-batches by
-their token counts), one ``torch.optim.SGD`` step over the same per-module groups
-(``build_parameter_groups``: the vision tower at ``VISION_TOWER_LR``).
+The oracle is one process over the same global batches, its loss computed by hand from
+the full logits (``step_loss``): at each step the token mean over both ranks' learned
+tokens (``--loss_average token``, the default: one big batch), or, for the
+``ddp_micro_batch`` run, the mean of the two micro-batch means (the original's
+weighting: Qwen2.5-VL sets ``accepts_loss_kwargs = False``, so a plain Trainer averages
+each micro-batch on its own); then one ``torch.optim.SGD`` step over the same per-module
+groups (``build_parameter_groups``: the vision tower at ``VISION_TOWER_LR``).
 
 Tolerance: float32, atol 1e-6, rtol 0. The distributed runs add the two ranks'
 gradients in an all-reduce (DDP, ZeRO-2) or a reduce-scatter over flattened
@@ -41,6 +43,7 @@ from safetensors.torch import load_file
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qwenvl.train.trainer import build_parameter_groups, decay_parameter_names
 from tests.conftest import PYTHON, REPO_ROOT, free_port, kill_tree, python_env
@@ -60,7 +63,7 @@ from tests.train.rank_sync_driver import (
 
 DRIVER = REPO_ROOT / "tests" / "train" / "rank_sync_driver.py"
 RUNS = [f"{backend}:{scenario}" for backend in ("ddp", "zero2", "zero3") for scenario in SCENARIOS]
-RUNS += ["zero3_offload:packed", "ddp_find_unused:text_image"]
+RUNS += ["zero3_offload:packed", "ddp_find_unused:text_image", "ddp_micro_batch:text_image"]
 GUARD_BACKENDS = ["ddp", "zero3"]  # + one run each with a NaN loss on rank 1 (qwenvl/train/guards.py)
 ATOL = 1e-6
 TIMEOUT_S = 900
@@ -82,7 +85,7 @@ def launch(tiny_model_dir, pack_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("rank_sync")
     command = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(DRIVER), str(tiny_model_dir), str(out), str(pack_file), *RUNS,
-               *(f"{backend}:nan_guard" for backend in GUARD_BACKENDS)]
+               *(f"{backend}:nan_guard" for backend in GUARD_BACKENDS), "ddp_default:unused_param"]
     env = python_env() | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                           "PYTHONWARNINGS": "ignore::FutureWarning"}  # DeepSpeed's all_gather_into_tensor, per call
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -103,11 +106,39 @@ def items(tiny_model_dir, pack_file) -> dict[str, list]:
     return {scenario: scenario_items(str(tiny_model_dir), scenario, pack_file) for scenario in SCENARIOS}
 
 
+def step_loss(model, batches: list[dict], average: str) -> torch.Tensor:
+    """The loss of one global step over the ranks' micro-batches, by hand from the full logits.
+
+    ``token`` (``--loss_average`` default): every learned token of the step weighs the same, the loss of one big
+    batch; ``micro_batch`` (the original's): the mean of the micro-batches' own means.
+    """
+    sums, counts = [], []
+    for batch in batches:
+        batch = dict(batch)
+        labels = batch.pop("labels")
+        batch.pop("num_items_in_batch", None)  # the placeholder's own count
+        logits = model(**batch).logits.float()
+        targets = labels[..., 1:].reshape(-1)
+        sums.append(F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]), targets, ignore_index=-100,
+                                    reduction="sum"))
+        counts.append(int(targets.ne(-100).sum()))
+    if average == "token":
+        return torch.stack(sums).sum() / max(sum(counts), 1)
+    return torch.stack([s / max(c, 1) for s, c in zip(sums, counts)]).mean()
+
+
+def average_of(backend: str) -> str:
+    return "micro_batch" if backend == "ddp_micro_batch" else "token"
+
+
 @pytest.fixture(scope="module")
-def references(tiny_model_dir, items) -> dict[str, tuple[dict, dict]]:
-    """Per scenario: trainable parameters before and after STEPS steps of one process over the same global batches."""
+def references(tiny_model_dir, items) -> dict[tuple[str, str], tuple[dict, dict]]:
+    """Per (scenario, loss average): trainable parameters before and after STEPS steps of one process over the same
+    global batches."""
     out = {}
-    for scenario, scenario_list in items.items():
+    wanted = {(run.split(":")[1], average_of(run.split(":")[0])) for run in RUNS}
+    for scenario, average in sorted(wanted):
+        scenario_list = items[scenario]
         model = load_model(str(tiny_model_dir))
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         before = {name: p.detach().clone() for name, p in trainable.items()}
@@ -116,12 +147,19 @@ def references(tiny_model_dir, items) -> dict[str, tuple[dict, dict]]:
         optimizer = torch.optim.SGD(groups, lr=LEARNING_RATE)
         collate = collator(scenario)
         for step in range(STEPS):
-            loss = sum(model(**collate([scenario_list[2 * step + rank]])).loss for rank in range(2)) / 2
+            loss = step_loss(model, [collate([scenario_list[2 * step + rank]]) for rank in range(2)], average)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        out[scenario] = before, {name: p.detach().clone() for name, p in trainable.items()}
+        out[(scenario, average)] = before, {name: p.detach().clone() for name, p in trainable.items()}
     return out
+
+
+def test_the_two_loss_averages_train_differently(references):
+    """The token-mean and micro-batch-mean references differ by far more than the tolerance (text+image)."""
+    _, token = references[("text_image", "token")]
+    _, micro = references[("text_image", "micro_batch")]
+    assert max(float((token[name] - micro[name]).abs().max()) for name in token) > 300 * ATOL
 
 
 def media(batch: dict) -> tuple[bool, bool]:
@@ -155,13 +193,14 @@ def test_run_trains_the_planned_batches_and_runs_the_tower_alike(launch, items, 
         assert report["seen"] == expected, f"{run} rank {rank}"
         assert report["vision_calls"] == 2 * STEPS, f"{run} rank {rank}: the tower runs twice per step on every rank"
         assert report["partitioned"] == backend.startswith("zero3")
+        assert report["engine"] == ("DistributedDataParallel" if backend.startswith("ddp") else "DeepSpeedEngine")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", RUNS)
 def test_parameters_equal_one_process_after_ten_steps(launch, references, run):
     backend, scenario = run.split(":")
-    before, expected = references[scenario]
+    before, expected = references[(scenario, average_of(backend))]
     params = torch.load(launch / f"{backend}-{scenario}.pt")
     assert params.keys() == expected.keys()
     for name, value in params.items():
@@ -176,6 +215,7 @@ def test_parameters_equal_one_process_after_ten_steps(launch, references, run):
 def test_nan_loss_on_one_rank_stops_every_rank_at_that_step_and_saves_nothing_non_finite(launch, backend):
     """Rank 1's loss turns NaN at step 3: both ranks raise NonFiniteError there (no hang), nothing NaN on disk."""
     ranks = json.loads((launch / f"{backend}-nan_guard.json").read_text())
+    assert [r["engine"] for r in ranks] == ["DistributedDataParallel" if backend == "ddp" else "DeepSpeedEngine"] * 2
     assert [r["global_step"] for r in ranks] == [NAN_STEP - 1] * 2, "every rank stops at the NaN step"
     assert ranks[0]["error"] == ranks[1]["error"], "same message on every rank"
     message = ranks[0]["error"]
@@ -190,3 +230,18 @@ def test_nan_loss_on_one_rank_stops_every_rank_at_that_step_and_saves_nothing_no
     for path in weights:
         for name, tensor in load_file(path).items():
             assert torch.isfinite(tensor).all(), f"{path} {name}"
+
+
+@pytest.mark.slow
+def test_find_unused_parameters_is_decided_false_and_an_unused_weight_is_named(launch):
+    """Left unset, ``find_unused_parameters`` is False (every trainable weight takes part, the dummy vision passes
+    included: the text_image runs above train that way); a weight the forward never uses then stops both ranks
+    after the first backward, naming it, instead of DDP's failure one step later with parameter indices only."""
+    ranks = json.loads((launch / "ddp_default-unused_param.json").read_text())
+    assert [r["engine"] for r in ranks] == ["DistributedDataParallel"] * 2
+    assert [r["find_unused_parameters"] for r in ranks] == [False, False]
+    assert [r["global_step"] for r in ranks] == [0, 0]
+    for report in ranks:
+        assert report["error"] == ("2 trainable parameter(s) got no gradient in the first step: unused_head.weight, "
+                                   "unused_head.bias. Pass --ddp_find_unused_parameters True to train a model whose "
+                                   "forward leaves trainable weights unused.")

@@ -121,6 +121,9 @@ def test_qwen3_moe_demo_trains_ten_steps_on_two_processes(tiny_qwen3_moe_model_d
     assert [entry["step"] for entry in logged] == list(range(1, 11))
     assert all(entry["aux_loss"] > 0 for entry in logged)  # the router loss, next to the loss
     assert "MoE: router aux loss on, coefficient 0.01" in text
+    # find_unused_parameters decided False (every trainable weight takes part, the dummy vision passes included):
+    # no DDP warning about a wasted graph walk, and no "got no gradient" stop.
+    assert "find_unused_parameters=True" not in text
     packing = re.search(r"packing: (\d+) samples in (\d+) rows of 512 tokens, fill ([\d.]+)%", text)
     assert packing, text[-3000:]
     samples, rows = int(packing[1]), int(packing[2])
