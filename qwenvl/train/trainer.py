@@ -182,6 +182,18 @@ def media_keys(model: nn.Module) -> tuple[str, ...]:
         return ("pixel_values", "pixel_values_videos")
 
 
+def learned_tokens(batch: dict) -> torch.Tensor:
+    """Positions of a batch that predict a label, as the causal-LM loss counts them: ``labels[..., 1:] != -100``
+    (or ``shift_labels != -100`` when the batch carries them).
+
+    Example:
+        >>> learned_tokens({"labels": torch.tensor([[-100, 5, 6, -100]])})
+        tensor(2)
+    """
+    labels = batch["shift_labels"] if "shift_labels" in batch else batch["labels"][..., 1:]
+    return labels.ne(IGNORE_INDEX).sum()
+
+
 def vision_features_for_llm(output: object) -> list[torch.Tensor]:
     """The outputs of one vision-tower call that the model feeds its LLM, and only those.
 
@@ -440,10 +452,7 @@ class QwenVLTrainer(Trainer):
         A MoE model adds ``router_aux_loss_coef x aux_loss`` to its mean: that term keeps the original weighting
         (divided by the accumulation steps, averaged over ranks), only the cross-entropy is re-weighted.
         """
-        labels = inputs.get("shift_labels")
-        if labels is None:
-            labels = inputs["labels"][..., 1:]
-        micro_items = labels.ne(IGNORE_INDEX).sum()
+        micro_items = learned_tokens(inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
         aux = outputs.get("aux_loss") if isinstance(outputs, dict) else getattr(outputs, "aux_loss", None)
         router = 0.0
@@ -604,9 +613,7 @@ class QwenVLTrainer(Trainer):
         counts them for text models: ``labels[..., 1:] != -100``), else the Trainer's count; at least 1, since
         a window of all-bad placeholder batches has none (0/0 = NaN)."""
         if self.token_average and self._counting_for_training and batch_samples and "labels" in batch_samples[0]:
-            count = sum(batch["shift_labels"].ne(IGNORE_INDEX).sum() if "shift_labels" in batch
-                        else batch["labels"][..., 1:].ne(IGNORE_INDEX).sum() for batch in batch_samples)
-            count = count.to(device)
+            count = sum(learned_tokens(batch) for batch in batch_samples).to(device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 count = self.accelerator.gather(count).sum()
         else:
