@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, SequentialSampler
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -164,6 +165,27 @@ def load_model(model_dir: str) -> torch.nn.Module:
     for name, param in model.named_parameters():
         param.requires_grad_(not ("embed_tokens" in name or "lm_head" in name))
     return model
+
+
+def step_loss(model, batches: list[dict], average: str) -> torch.Tensor:
+    """The loss of one global step over the ranks' micro-batches, by hand from the full logits.
+
+    ``token`` (``--loss_average`` default): every learned token of the step weighs the same, the loss of one big
+    batch; ``micro_batch`` (the original's): the mean of the micro-batches' own means.
+    """
+    sums, counts = [], []
+    for batch in batches:
+        batch = dict(batch)
+        labels = batch.pop("labels")
+        batch.pop("num_items_in_batch", None)  # the placeholder's own count
+        logits = model(**batch).logits.float()
+        targets = labels[..., 1:].reshape(-1)
+        sums.append(F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]), targets, ignore_index=-100,
+                                    reduction="sum"))
+        counts.append(int(targets.ne(-100).sum()))
+    if average == "token":
+        return torch.stack(sums).sum() / max(sum(counts), 1)
+    return torch.stack([s / max(c, 1) for s, c in zip(sums, counts)]).mean()
 
 
 def batch_signature(batch: dict) -> list[int]:

@@ -18,30 +18,18 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
-from torch.utils.data import Dataset
 
 from qwenvl.data.data_qwen import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from qwenvl.data.vision import VisionConfig
 from qwenvl.train.argument import DataArguments, TrainingArguments
 from qwenvl.train.trainer import QwenVLTrainer
+from tests.train.rank_sync_driver import Fixed, step_loss
 
 # Answers of very different lengths: micro-batches of very different learned-token counts.
 ANSWERS = ["Yes.", "A small red circle drawn on a plain white background, slightly left of the centre.",
            "Two.", "The triangle is green and points upwards, next to a blue square."]
 ATOL = 2e-6  # float32: the same sums in another order; the two weightings differ by > 1e-3 (asserted)
-
-
-class Fixed(Dataset):
-    def __init__(self, items: list):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        return self.items[i]
 
 
 @pytest.fixture(scope="module")
@@ -68,23 +56,11 @@ def load_model(model_dir) -> transformers.PreTrainedModel:
     return model
 
 
-def token_loss_sum(model, item: dict, pad_token_id: int) -> torch.Tensor:
-    """Sum of the token cross-entropies of one sample, from the model's full logits."""
-    batch = DataCollatorForSupervisedDataset(pad_token_id)([item])
-    labels = batch.pop("labels")
-    logits = model(**batch).logits.float()
-    return F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
-
-
 def oracle_step(model_dir, items: list[dict], pad_token_id: int, average: str) -> dict[str, torch.Tensor]:
     """Minus the gradient of the step's loss (what one SGD step at learning rate 1 adds to each weight)."""
     model = load_model(model_dir).train()
-    sums = [token_loss_sum(model, item, pad_token_id) for item in items]
-    if average == "token":
-        loss = torch.stack(sums).sum() / sum(learned(item) for item in items)
-    else:
-        loss = torch.stack([s / learned(item) for s, item in zip(sums, items)]).mean()
-    loss.backward()
+    collate = DataCollatorForSupervisedDataset(pad_token_id)
+    step_loss(model, [collate([item]) for item in items], average).backward()
     return {name: -p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 

@@ -43,7 +43,6 @@ from safetensors.torch import load_file
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from qwenvl.train.trainer import build_parameter_groups, decay_parameter_names
 from tests.conftest import PYTHON, REPO_ROOT, free_port, kill_tree, python_env
@@ -58,6 +57,7 @@ from tests.train.rank_sync_driver import (
     collator,
     load_model,
     scenario_items,
+    step_loss,
     write_pack_file,
 )
 
@@ -104,27 +104,6 @@ def launch(tiny_model_dir, pack_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def items(tiny_model_dir, pack_file) -> dict[str, list]:
     return {scenario: scenario_items(str(tiny_model_dir), scenario, pack_file) for scenario in SCENARIOS}
-
-
-def step_loss(model, batches: list[dict], average: str) -> torch.Tensor:
-    """The loss of one global step over the ranks' micro-batches, by hand from the full logits.
-
-    ``token`` (``--loss_average`` default): every learned token of the step weighs the same, the loss of one big
-    batch; ``micro_batch`` (the original's): the mean of the micro-batches' own means.
-    """
-    sums, counts = [], []
-    for batch in batches:
-        batch = dict(batch)
-        labels = batch.pop("labels")
-        batch.pop("num_items_in_batch", None)  # the placeholder's own count
-        logits = model(**batch).logits.float()
-        targets = labels[..., 1:].reshape(-1)
-        sums.append(F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]), targets, ignore_index=-100,
-                                    reduction="sum"))
-        counts.append(int(targets.ne(-100).sum()))
-    if average == "token":
-        return torch.stack(sums).sum() / max(sum(counts), 1)
-    return torch.stack([s / max(c, 1) for s, c in zip(sums, counts)]).mean()
 
 
 def average_of(backend: str) -> str:
