@@ -193,7 +193,9 @@ def build_tiny_model(output_dir: str | Path, model_type: str = "qwen2_5_vl", see
     token_ids = _special_token_ids(tokenizer)
 
     if family.uses_processor_items:  # its processor expands the family's image token: the tokenizer must know it
-        tokenizer.add_special_tokens({"additional_special_tokens": [family.tokens.image]})
+        added = list(family.tiny_added_tokens())
+        tokenizer.add_special_tokens({"additional_special_tokens": added})
+        token_ids.update({token: _token_id(tokenizer, token) for token in added})
         token_ids["image_token_id"] = family.tokens.image_id(tokenizer)
 
     config = AutoConfig.for_model(model_type, **family.tiny_config_kwargs(token_ids))

@@ -833,5 +833,6 @@ def make_supervised_data_module(
         if flatten:
             raise ValueError(f"--data_flatten / --data_packing: not supported for the {family.model_type} family: "
                              f"{family.flatten_refusal}")
-        collator_cls = ProcessorDataCollator
+        collator = ProcessorDataCollator(pad_id, family)
+        return {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "data_collator": collator}
     return {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "data_collator": collator_cls(pad_id)}

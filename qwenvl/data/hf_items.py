@@ -182,7 +182,8 @@ class ProcessorItemBuilder:
         messages = conversation_messages(conversation)
         try:
             text, spans = close_answers(*answer_spans(self.processor, messages), self.tokenizer.eos_token)
-            encoded = self.processor(text=[text], images=list(images) or None, return_tensors="pt")
+            encoded = self.processor(text=[text], images=list(images) or None, return_tensors="pt",
+                                     **self.family.processor_kwargs())
             plain = self.tokenizer([text], return_offsets_mapping=True)
             expanded = encoded["input_ids"][0].numpy()
             repeats = collapse_runs(expanded, np.asarray(plain["input_ids"][0]), self.image_id)
@@ -226,6 +227,7 @@ class ProcessorDataCollator:
     """
 
     pad_token_id: int
+    family: ModelFamily | None = None  # how non-per-token keys are batched (``collate_media``); None: dim-0 concat
 
     def __call__(self, instances: Sequence[Any]) -> dict[str, Any]:
         problems = [x for x in instances if isinstance(x, Problem)]
@@ -248,7 +250,8 @@ class ProcessorDataCollator:
                 batch[key] = padded
             for key in {k for x in items for k in x} - set(token_keys):
                 present = [x[key] for x in items if x.get(key) is not None]
-                batch[key] = torch.cat(present, dim=0)
+                batch[key] = (self.family.collate_media(key, present) if self.family is not None
+                              else torch.cat(present, dim=0))
         if problems:
             batch[BAD_SAMPLES_KEY] = problems
         return batch

@@ -142,6 +142,30 @@ class HFProcessorFamily(ModelFamily):
         """The released defaults (the processor itself holds the checkpoint's settings)."""
         return self.vision_defaults
 
+    def processor_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments of every ``processor(text=..., images=...)`` call that builds a training item
+        (e.g. Gemma 3's ``do_pan_and_scan``); none by default."""
+        return {}
+
+    def collate_media(self, key: str, values: list[torch.Tensor]) -> torch.Tensor:
+        """One batch tensor from the items' values of a non-per-token key (``pixel_values``, ``image_sizes``...):
+        concatenated on dim 0 by default (one row per image). A family whose processor returns one row per
+        sample (e.g. (1, images, 3, H, W)) overrides this.
+
+        Args:
+            key (str): the item key.
+            values (list[torch.Tensor]): the items' values, those that have the key.
+
+        Returns:
+            torch.Tensor: the batch value.
+        """
+        return torch.cat(values, dim=0)
+
+    def tiny_added_tokens(self) -> tuple[str, ...]:
+        """Special tokens the tiny checkpoint's tokenizer gets on top of the shipped Qwen one (its ids reach
+        ``tiny_config_kwargs`` under the token string itself); the image token by default."""
+        return (self.tokens.image,)
+
     def tiny_processor(self, tokenizer: Any) -> Any:
         """The processor a tiny checkpoint saves (its tokenizer gets the image token); see the family."""
         raise NotImplementedError(f"{self.model_type}: no tiny processor")
