@@ -10,7 +10,9 @@ image part, measured in the same run.
 The video line does the same for the demo video samples (decord, or the backend
 QWENVL_VIDEO_BACKEND names). The last table compares the families: ``dataset[i]`` of the
 same image and video samples under Qwen2.5-VL and Qwen3-VL (each with its tiny checkpoint's
-processor config, the same pixel flags), per sample and per token.
+processor config, the same pixel flags), per sample and per token, then every HF-processor family
+registered in ``qwenvl.models.FAMILIES`` (``uses_processor_items``: LLaVA & co., each with its tiny
+checkpoint's processor) on the same image samples: a family added to the registry gets its row.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def timed(fn, repeat: int) -> tuple[float, object]:
 
 
 def family_rows(tmp_path: Path, rounds: int) -> list[tuple[str, str, float, float]]:
-    """(family, samples, ms per sample, tokens per sample) of ``dataset[i]`` for Qwen2.5-VL and Qwen3-VL."""
+    """(family, samples, ms per sample, tokens per sample) of ``dataset[i]`` for Qwen2.5-VL and Qwen3-VL, then for
+    every registered HF-processor family on the image samples (``processor_family_rows``)."""
     from transformers import AutoTokenizer
 
     from qwenvl.data.data_qwen import LazySupervisedDataset
@@ -85,6 +88,40 @@ def family_rows(tmp_path: Path, rounds: int) -> list[tuple[str, str, float, floa
             seconds = time.perf_counter() - start
             count = repeat * len(dataset)
             rows.append((model_type, label, seconds / count * 1e3, tokens / count))
+    return rows + processor_family_rows(tmp_path)
+
+
+def processor_family_rows(tmp_path: Path) -> list[tuple[str, str, float, float]]:
+    """``family_rows`` of every HF-processor family in ``FAMILIES`` on the image samples: ``dataset[i]`` through
+    its tiny checkpoint's ``AutoProcessor`` (``ProcessorItemBuilder``), as training builds its items. A family
+    whose processor cannot be built here (an optional package missing, e.g. torchvision) gets a row saying why
+    (samples ``skipped``, NaN times)."""
+    from transformers import AutoProcessor
+
+    from qwenvl.data.data_qwen import LazySupervisedDataset
+    from qwenvl.models import FAMILIES
+    from qwenvl.train.argument import DataArguments
+    from tools.build_tiny_model import build_tiny_model
+
+    rows = []
+    for model_type, family in FAMILIES.items():
+        if not family.uses_processor_items:
+            continue
+        try:
+            folder = build_tiny_model(tmp_path / f"family_{model_type}", model_type=model_type)
+        except (ImportError, NotImplementedError) as exc:
+            print(f"{model_type}: no tiny checkpoint here ({exc})", file=sys.stderr)
+            rows.append((model_type, "skipped", float("nan"), float("nan")))
+            continue
+        processor = AutoProcessor.from_pretrained(folder)
+        args = DataArguments(dataset_use="bench_images")
+        dataset = LazySupervisedDataset(processor.tokenizer, args, family.vision_defaults.image_config(),
+                                        model_max_length=16384, family=family, processor=processor)
+        dataset[0]
+        start = time.perf_counter()
+        tokens = sum(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
+        seconds = time.perf_counter() - start
+        rows.append((model_type, "image", seconds / len(dataset) * 1e3, tokens / len(dataset)))
     return rows
 
 
@@ -190,10 +227,11 @@ def main() -> None:
           f"dataset[i] {video_item * 1e3:.2f} ms ({1 / video_item:.1f} samples/s); load_video {video_load * 1e3:.2f} ms "
           f"per clip ({1 / video_load:.1f} clips/s, {100 * video_load * len(clips) / len(video_dataset) / video_item:.0f}% "
           f"of dataset[i])")
-    print("\n| family     | samples | ms / sample | tokens / sample | us / token |")
-    print("|------------|---------|-------------|-----------------|------------|")
+    print("\n| family          | samples | ms / sample | samples / s / core | tokens / sample | us / token |")
+    print("|-----------------|---------|-------------|--------------------|-----------------|------------|")
     for model_type, label, ms, tokens in families:
-        print(f"| {model_type:<10} | {label:<7} | {ms:11.2f} | {tokens:15.0f} | {ms * 1e3 / tokens:10.2f} |")
+        print(f"| {model_type:<15} | {label:<7} | {ms:11.2f} | {1e3 / ms:18.1f} | {tokens:15.0f} | "
+              f"{ms * 1e3 / tokens:10.2f} |".replace("nan", "  -"))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,33 @@ Usage:
     python tools/build_tiny_model.py --output_dir /tmp/tiny-qwen2-vl --model_type qwen2_vl --seed 1
     python tools/build_tiny_model.py --output_dir /tmp/tiny-qwen3-vl-moe --model_type qwen3_vl_moe
     python tools/build_tiny_model.py --output_dir /tmp/tiny-llava --model_type llava
+    python tools/build_tiny_model.py --output_dir /tmp/tiny-llava-next --model_type llava_next
+    python tools/build_tiny_model.py --output_dir /tmp/tiny-llava-onevision --model_type llava_onevision
+    python tools/build_tiny_model.py --output_dir /tmp/tiny-internvl --model_type internvl
+    python tools/build_tiny_model.py --output_dir /tmp/tiny-idefics3 --model_type idefics3
+    python tools/build_tiny_model.py --output_dir /tmp/tiny-gemma3 --model_type gemma3
+    python tools/build_tiny_model.py --output_dir /tmp/tiny-paligemma --model_type paligemma
 
 LLaVA (an HF-processor family): a tiny CLIP tower + Qwen2 LLM, the Qwen tokenizer plus ``<image>``, and a
 ``LlavaProcessor`` (the PIL ``CLIPImageProcessorPil``, so no torchvision is needed) saved as
 ``processor_config.json`` with the chat template: ``AutoProcessor.from_pretrained`` loads it.
+LLaVA-NeXT / LLaVA-OneVision: a CLIP / SigLIP tower on 112-pixel tiles (the released anyres tiling at a third of
+the size: 64 features per tile) + a Qwen2 LLM, the Qwen tokenizer plus ``<image>`` (OneVision: and ``<video>``), a
+``LlavaNextProcessor`` (PIL ``LlavaNextImageProcessorPil``) / a ``LlavaOnevisionProcessor`` folder (written
+without torchvision by ``LlavaOnevisionImageTextProcessor``, the processor without its torchvision-only video
+processor, with the video processor's settings), which ``family.load_processor`` loads (plain ``AutoProcessor``
+where torchvision is installed).
+InternVL (``-hf``): a tiny InternViT (56 x 56 tiles, 4 ``<IMG_CONTEXT>`` per tile, up to 4 tiles + a thumbnail)
++ a Qwen2 LLM, the Qwen tokenizer plus ``<img>``, ``</img>``, ``<IMG_CONTEXT>``, the grounding tokens and ``<video>``,
+and an ``InternVLProcessor`` folder (PIL ``GotOcr2ImageProcessorPil``; written without torchvision as
+LLaVA-OneVision's), which ``family.load_processor`` loads.
+Idefics3 / SmolVLM: a 2-layer tower on tiles of 28 / 32 pixels (4 ``<image>`` per tile, images split into up to
+2 x 2 tiles + the global image) + a Qwen2 LLM, the Qwen tokenizer plus ``<fake_token_around_image>``,
+``<global-img>``, ``<row_r_col_c>``, ``<end_of_utterance>``, and an ``Idefics3Processor`` (PIL image processor) /
+a ``SmolVLMProcessor`` folder (written without torchvision as LLaVA-OneVision's; needs ``num2words``).
+Gemma 3: a tiny SigLIP tower (32 x 32 images, 16 soft tokens) + a Gemma 3 text model at toy width (vocab
+151936), the Qwen tokenizer plus Gemma's chat and image tokens (``<bos>``, ``<start_of_turn>``, ``<end_of_turn>``,
+``<start_of_image>``, ``<end_of_image>``, ``<image_soft_token>``) and a ``Gemma3Processor``.
 """
 
 from __future__ import annotations

@@ -16,8 +16,11 @@ Inputs and outputs:
     writes, next to its annotation file or dataset (or in ``--output_dir``; a hub dataset's in the
     working folder), ``<stem>_valid.json`` (a JSON list of the samples that passed, in file order, as
     training reads them: register it to train on clean data) and ``<stem>_problems.json`` (one object
-    per bad sample: dataset, annotation_path, index, kind, reason, message), then prints a summary
-    table (total, valid, and the count of each problem kind) and the problems.
+    per bad sample: dataset, annotation_path, index, kind, reason, message) and ``<stem>_images.json``
+    (one object per image of a valid sample: index, number, its file's width and height, the
+    processed_width / processed_height and tokens the model gets), then prints a summary table
+    (total, valid, and the count of each problem kind), the problems, and per input the images by
+    processed size and tokens.
 
 What is checked: ``qwenvl/data/validation.py``, the layer ``LazySupervisedDataset`` itself runs,
 in the same order (record structure, conversation, tags versus media, then every image and video
@@ -25,7 +28,9 @@ decoded as training decodes it). With ``--model_name_or_path`` the samples are a
 (its tokenizer and image processor), which finds samples over ``--model_max_length`` whose cut
 would split an image (``over_length``) and samples with no answer token left (``no_labels``):
 pass the flags you train with and the tool reports exactly what ``--bad_sample_policy skip``
-would skip.
+would skip. For a checkpoint of an HF-processor family (LLaVA & co.) the samples are built by its
+processor exactly as training builds them (``ProcessorItemBuilder``), the pixel flags do not apply,
+and each image's size and tokens are the processor's (LLaVA-1.5: 336x336, 576 tokens).
 
 A sample whose check raises an exception no check expected is reported as that sample's
 ``unexpected_error`` (with the exception's type and message) and checking goes on.
@@ -42,7 +47,8 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +61,13 @@ if str(_REPO_ROOT) not in sys.path:  # `python tools/check_image.py` from a chec
 from qwenvl.data.annotations import AnnotationStore  # noqa: E402
 from qwenvl.data.chat import Problem, SampleRef  # noqa: E402
 from qwenvl.data.packing import map_jobs  # noqa: E402
-from qwenvl.data.validation import SampleValidator, summarize  # noqa: E402
+from qwenvl.data.validation import ImageInfo, ProcessorSampleValidator, SampleValidator, summarize  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
+from qwenvl.models import family_for  # noqa: E402
+from qwenvl.models.base import read_json  # noqa: E402
 from tools.common import (  # noqa: E402
+    MEDIA_FLAGS,
+    ROW_FLAGS,
     ToolInput,
     add_input_flags,
     add_media_flags,
@@ -65,11 +75,15 @@ from tools.common import (  # noqa: E402
     load_checkpoint,
     load_dataset_registry,
     media_data_args,
+    parse_tool_args,
     write_json_atomic,
 )
 from tools.common import resolve_inputs as common_resolve_inputs  # noqa: E402
 
 CHUNK = 32  # samples per task sent to a worker
+# Training's settings this tool takes from --config files (a train file's dataset_use: the inputs).
+CONFIG_KEYS = ("dataset_use", "dataset_registry", "model_name_or_path", "model_max_length", "seed",
+               "bad_sample_policy", *MEDIA_FLAGS, *ROW_FLAGS)
 SHOWN_PROBLEMS = 20  # problems printed per input; the problems file has them all
 
 
@@ -143,14 +157,16 @@ class _CheckJobs:
         return k, self.store[row], SampleRef(self.dataset, source.location, source.data_path, row)
 
 
-def check_job(validator: SampleValidator, job: tuple[int, Any, SampleRef]) -> tuple[int, Problem | None]:
-    """``(position, the sample's first problem or None)`` for ``map_jobs``."""
+def check_job(validator: SampleValidator, job: tuple[int, Any, SampleRef]
+              ) -> tuple[int, Problem | None, list[ImageInfo]]:
+    """``(position, the sample's first problem or None, its images as training sizes them)`` for ``map_jobs``."""
     position, record, ref = job
-    return position, validator.validate(record, ref)
+    return position, *validator.inspect(record, ref)
 
 
 def check_samples(validator: SampleValidator, num_jobs: int, fetch: Callable[[int], tuple[int, Any, SampleRef]],
-                  workers: int, desc: str, progress: bool = True) -> Iterator[tuple[int, Problem | None]]:
+                  workers: int, desc: str, progress: bool = True
+                  ) -> Iterator[tuple[int, Problem | None, list[ImageInfo]]]:
     """Validate ``num_jobs`` samples, in processes when ``workers > 1``, with a progress bar (``map_jobs``).
 
     Args:
@@ -163,7 +179,7 @@ def check_samples(validator: SampleValidator, num_jobs: int, fetch: Callable[[in
         progress: show a progress bar.
 
     Yields:
-        (position, the sample's first problem or None), in any order.
+        (position, the sample's first problem or None, the images of a valid sample), in any order.
     """
     return map_jobs(check_job, validator, num_jobs, fetch, workers, desc, progress, chunk=CHUNK)
 
@@ -176,6 +192,8 @@ class CheckResult:
     problems: list[Problem]
     valid_path: Path | None = None
     problems_path: Path | None = None
+    images: list[tuple[int, ImageInfo]] = field(default_factory=list)  # (sample index, image) of valid samples
+    images_path: Path | None = None
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -184,29 +202,50 @@ class CheckResult:
 
 def check_source(source: CheckedSource, validator: SampleValidator, workers: int, output_dir: str | None,
                  progress: bool = True) -> CheckResult:
-    """Validate one input's selected samples and write its valid and problems files.
+    """Validate one input's selected samples and write its valid, problems and images files.
 
     The valid file holds the records as training reads them (a Hugging Face row mapped to a record,
-    inline image bytes as ``data:`` URIs).
+    inline image bytes as ``data:`` URIs); the images file one object per image of a valid sample: its
+    sample index, number, file size and the size and tokens training gives the model (``ImageInfo``: for an
+    HF-processor family, what its processor makes of it).
 
     Returns:
-        the problems (sorted by index) and the paths written.
+        the problems (sorted by index), the images and the paths written.
     """
     if source.error:
         return CheckResult(source, [])
     rows = source.indices
     found: dict[int, Problem | None] = {}
+    images: dict[int, list[ImageInfo]] = {}
     fetch = _CheckJobs(source.store, rows, source.name)
-    for position, problem in check_samples(validator, len(rows), fetch, workers, f"checking {source.label}",
-                                           progress):
-        found[position] = problem
+    for position, problem, infos in check_samples(validator, len(rows), fetch, workers, f"checking {source.label}",
+                                                  progress):
+        found[position], images[position] = problem, infos
     problems = sorted((p for p in found.values() if p is not None), key=lambda p: p.index)
     valid = [source.store[row] for position, row in enumerate(rows.tolist()) if found[position] is None]
     result = CheckResult(source, problems, source.output_path("valid", output_dir),
-                         source.output_path("problems", output_dir))
+                         source.output_path("problems", output_dir),
+                         [(row, info) for position, row in enumerate(rows.tolist()) for info in images[position]],
+                         source.output_path("images", output_dir))
     write_json_atomic(result.valid_path, valid, indent=1)
     write_json_atomic(result.problems_path, [p.to_dict() for p in problems], indent=1)
+    write_json_atomic(result.images_path, [{"index": row, **asdict(info)} for row, info in result.images], indent=1)
     return result
+
+
+def format_images(result: CheckResult, shown: int = 5) -> str:
+    """One line: an input's images by the size and tokens training gives the model, the most frequent first.
+
+    Example:
+        >>> format_images(llava_result)
+        'images: 14, as the model gets them: 14 x 336x336 (576 tokens)'
+    """
+    sizes = Counter((info.processed_width, info.processed_height, info.tokens) for _, info in result.images)
+    parts = [f"{count} x {width}x{height} ({'?' if tokens is None else tokens} tokens)"
+             for (width, height, tokens), count in sizes.most_common(shown)]
+    if len(sizes) > shown:
+        parts.append(f"... {len(sizes) - shown} more sizes")
+    return f"images: {len(result.images)}, as the model gets them: {', '.join(parts) or '-'}"
 
 
 # ------------------------------------------------------------------------- report
@@ -248,9 +287,15 @@ def format_table(results: Sequence[CheckResult]) -> str:
 
 
 def load_validator(args: argparse.Namespace) -> SampleValidator:
-    """The validator the flags describe: training's pixel/frame limits, the model's geometry and tokenizer."""
+    """The validator the flags describe: training's pixel/frame limits, the model's geometry and tokenizer; for an
+    HF-processor family (``family.uses_processor_items``) its processor (``ProcessorSampleValidator``: training's
+    ``ProcessorItemBuilder``; the pixel flags do not apply, the processor sizes the images)."""
     data_args = media_data_args(args)
     tokenizer = family = settings = None
+    config = read_json(Path(args.model_name_or_path) / "config.json") if args.model_name_or_path else None
+    if config is not None and family_for(config).uses_processor_items:
+        return ProcessorSampleValidator(family_for(config).load_processor(args.model_name_or_path), family_for(config),
+                                        model_max_length=args.model_max_length, io_retries=args.io_retries)
     if args.model_name_or_path:
         checkpoint = load_checkpoint(args.model_name_or_path, data_args)
         tokenizer, vision_config = checkpoint.tokenizer, checkpoint.vision_config
@@ -267,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the exit status (0 all valid, 1 problems found)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer was used
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_tool_args(parser, argv, CONFIG_KEYS)
     try:
         load_dataset_registry(args.dataset_registry)
         sources = resolve_inputs(args.inputs, args.data_path, args.seed)
@@ -296,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n{source.label}: wrote {result.valid_path} ({result.summary['valid']} valid samples) and "
               f"{result.problems_path} ({len(result.problems)} problems)")
+        if result.images:
+            print(f"  {format_images(result)} (each in {result.images_path})")
         for problem in result.problems[:SHOWN_PROBLEMS]:
             print(f"  [{problem.kind}] {problem.message}")
         if len(result.problems) > SHOWN_PROBLEMS:

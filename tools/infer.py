@@ -8,6 +8,10 @@ the chat template adds for generation, so the model sees at inference exactly
 the format it was trained on (AutoProcessor is not needed: it does not load
 without torchvision). Decoding is greedy.
 
+An HF-processor family (LLaVA & co.) is prompted through its processor as training builds its items: its
+chat template with the generation prompt (earlier answers closed as in training), images through
+``processor(text=..., images=...)``; the pixel flags do not apply there.
+
 For an annotation file each sample is asked everything up to its last answer;
 that answer is the reference. A prediction matches when it equals the
 reference after stripping surrounding whitespace (``--ignore_case`` also folds
@@ -44,14 +48,33 @@ from qwenvl.data.chat import (  # noqa: E402
     sample_images,
     sample_videos,
 )
+from qwenvl.data.hf_items import (  # noqa: E402
+    answer_spans,
+    close_answers,
+    conversation_messages,
+    prefix_lm_turns,
+    render,
+)
+from qwenvl.data.media_settings import read_media_settings  # noqa: E402
 from qwenvl.data.video import load_video_plan  # noqa: E402
 from qwenvl.data.vision import VisionConfig, num_vision_tokens, open_image, process_image  # noqa: E402
 from qwenvl.models import VisionSettings, family_for  # noqa: E402
 from qwenvl.models.loading import load_image_processor  # noqa: E402
 from qwenvl.train.argument import DataArguments, PixelCount  # noqa: E402
-from tools.common import ToolInput, resolve_inputs  # noqa: E402
+from tools.common import (  # noqa: E402
+    MEDIA_FLAGS,
+    ROW_FLAGS,
+    ToolInput,
+    add_config_flag,
+    add_media_flags,
+    add_row_flags,
+    parse_tool_args,
+    resolve_inputs,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Training's settings this tool takes from --config files (media flags: over what the model folder saved).
+CONFIG_KEYS = ("dataset_use", "eval_dataset_use", "seed", *MEDIA_FLAGS, *ROW_FLAGS)
 
 
 @dataclass
@@ -107,8 +130,11 @@ class Predictor:
         attn_implementation: str = "sdpa",
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        media: dict[str, Any] | None = None,
     ) -> "Predictor":
-        """Load a training output folder (full or LoRA) with the pixel limits it was trained with.
+        """Load a training output folder (full or LoRA) with the media settings it was trained with: the pixel
+        limits of its ``preprocessor_config.json`` and the rest of ``media_settings.json`` (resize mode, max
+        size, video sampling; ``qwenvl/data/media_settings.py``).
 
         Args:
             path: the folder (``preprocessor_config.json`` and tokenizer files are read from it,
@@ -118,9 +144,13 @@ class Predictor:
             attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
             min_pixels: override the saved minimum pixel count per image.
             max_pixels: override the saved maximum pixel count per image.
+            media: other media flags (``MEDIA_FLAGS``) overriding the saved ones; None values keep them.
 
         Returns:
             the Predictor.
+
+        Raises:
+            ValueError: a saved or given media setting that training would refuse.
         """
         from transformers import AutoTokenizer
 
@@ -131,6 +161,14 @@ class Predictor:
         fallback = str(path)
         if is_lora_folder(path):
             fallback = base_model or base_model_of(path)
+        if family_for(model.config).uses_processor_items:  # LLaVA & co.: the checkpoint's processor does it all
+            flags = {"min_pixels": min_pixels, "max_pixels": max_pixels, **(media or {})}
+            given = [name for name, value in flags.items() if value is not None]
+            if given:
+                print(f"note: {', '.join('--' + name for name in given)} not used: the "
+                      f"{family_for(model.config).model_type} family's processor sizes images itself", file=sys.stderr)
+            return ProcessorPredictor.from_model(model, fallback if not (path / "tokenizer_config.json").is_file()
+                                                 else str(path))
         tokenizer_dir = str(path) if (path / "tokenizer_config.json").is_file() else fallback
         processor_dir = str(path) if (path / "preprocessor_config.json").is_file() else fallback
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -138,10 +176,14 @@ class Predictor:
         size = getattr(processor, "size", None) or {}
         saved_min = getattr(processor, "min_pixels", None) or size.get("shortest_edge")
         saved_max = getattr(processor, "max_pixels", None) or size.get("longest_edge")
-        vision_config = VisionConfig.from_image_processor(processor, int(min_pixels or saved_min),
-                                                          int(max_pixels or saved_max))
+        values = {**read_media_settings(processor_dir),
+                  **{name: value for name, value in (media or {}).items() if value is not None},
+                  "min_pixels": int(min_pixels or saved_min), "max_pixels": int(max_pixels or saved_max)}
+        data_args = DataArguments(**values)
+        vision_config = VisionConfig.from_image_processor(processor, data_args.min_pixels, data_args.max_pixels,
+                                                          data_args.image_resize_mode, data_args.image_max_size)
         settings = family_for(model.config).vision_settings(processor_dir)
-        return cls(model, tokenizer, vision_config, settings=settings)
+        return cls(model, tokenizer, vision_config, data_args=data_args, settings=settings)
 
     def encode_prompt(
         self,
@@ -245,6 +287,94 @@ class Predictor:
         return prediction, reference
 
 
+def prompt_text(processor: Any, messages: list[dict[str, Any]], end_of_turn: str | None, family: Any = None) -> str:
+    """The checkpoint's chat template on ``messages`` (ending with a user turn) with the generation prompt, each
+    earlier answer closed by ``end_of_turn`` exactly as training closes it (``qwenvl.data.hf_items.close_answers``
+    with ``family.end_of_turn``: the tokenizer's eos for LLaVA), after ``family.fix_rendered`` where ``family``
+    is given.
+
+    Example:
+        >>> prompt_text(llava_processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+        ...                                                                              "text": "What?"}]}])
+        'USER: <image>\nWhat? ASSISTANT:'
+    """
+    text = render(processor, messages, add_generation_prompt=True)
+    if not any(message["role"] == "assistant" for message in messages):
+        return text
+    rendered, spans = answer_spans(processor, messages)
+    if not text.startswith(rendered):  # a template whose generation prompt rewrites the end: as rendered
+        return text
+    if family is not None:  # as training reads it (LLaVA-NeXT: a released template's <\s> closing answers is eos)
+        fixed, spans = family.fix_rendered(rendered, spans, end_of_turn)
+        text, rendered = fixed + text[len(rendered):], fixed
+    closed, _ = close_answers(rendered, spans, end_of_turn)
+    return closed + text[len(rendered):]
+
+
+class ProcessorPredictor(Predictor):
+    """A fine-tuned model of an HF-processor family (``family.uses_processor_items``: LLaVA & co.), ready to answer.
+
+    The prompt is what training builds, with the generation prompt: the conversation as Hugging Face chat messages
+    (``conversation_messages``), the checkpoint's chat template (``apply_chat_template(...,
+    add_generation_prompt=True)``, earlier answers closed by the family's end-of-turn token as in training), then
+    ``processor(text=..., images=...)`` for the token ids and pixel values. A prefix-LM family (``prefix_lm``:
+    PaliGemma) is given its one prompt as the processor's prefix, as its processor is called for generation.
+    Generation stops at the model's eos or the family's end-of-turn token.
+
+    Args:
+        model (torch.nn.Module): the loaded ``...ForConditionalGeneration``.
+        processor (Any): its ``AutoProcessor``.
+    """
+
+    def __init__(self, model: torch.nn.Module, processor: Any):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.family = family_for(model.config)
+        eos = model.generation_config.eos_token_id
+        self.end_of_turn = self.family.end_of_turn(self.tokenizer)
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        if self.end_of_turn:
+            self.stop_ids.add(self.tokenizer.convert_tokens_to_ids(self.end_of_turn))
+        self.stop_ids.discard(None)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, processor_dir: str) -> "ProcessorPredictor":
+        """The predictor of ``model`` with the processor saved in ``processor_dir`` (``family.load_processor``)."""
+        return cls(model, family_for(model.config).load_processor(processor_dir))
+
+    def encode_prompt(self, conversation: Conversation, images: Sequence[str] = (), videos: Sequence[str] = (),
+                      data_path: str = "") -> dict[str, Any]:
+        """Model inputs for a conversation that ends with a user turn, plus the generation prompt.
+
+        Returns:
+            what the processor returns (``input_ids`` (1, L), ``attention_mask`` (1, L), ``pixel_values``
+            (n, 3, H, W) for LLaVA, ...), floating tensors in the model's dtype.
+
+        Raises:
+            ValueError: the tags do not match the images, a video, or the last turn is not the user's.
+        """
+        if not conversation.turns or conversation.turns[-1][0] != "user":
+            raise ValueError("the prompt must end with a user turn")
+        if videos:
+            raise ValueError(f"the {self.family.model_type} family takes images only, but the prompt has "
+                             f"{len(videos)} video(s)")
+        tags = sum(text.count(IMAGE_TAG) for role, text in conversation.turns if role == "user")
+        if tags != len(images):
+            raise ValueError(f"{tags} {IMAGE_TAG} tag(s) in the conversation but {len(images)} image(s)")
+        if self.family.prefix_lm:  # one prompt, no chat template; the processor places the images
+            text, _ = prefix_lm_turns(Conversation(conversation.system, [*conversation.turns, ("assistant", "")]),
+                                      self.family.model_type)
+        else:
+            text = prompt_text(self.processor, conversation_messages(conversation), self.end_of_turn, self.family)
+        opened = [open_image(source, data_path) for source in images]
+        inputs = self.processor(text=[text], images=self.family.processor_images(opened), return_tensors="pt",
+                                **self.family.processor_kwargs())
+        dtype = next(self.model.parameters()).dtype
+        return {key: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+                for key, value in inputs.items()}
+
+
 # ------------------------------------------------------------------- scoring
 def accuracy_table(predictions: Sequence[Prediction], ignore_case: bool = False, width: int = 60) -> str:
     """A markdown table per sample, then exact-match accuracy per source and overall.
@@ -304,7 +434,7 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
                                      allow_abbrev=False)
     parser.add_argument("--model", required=True, help="fine-tuned folder (full checkpoint or LoRA adapter)")
     parser.add_argument("--base_model", default=None, help="base of a LoRA adapter (default: from its config)")
-    what = parser.add_mutually_exclusive_group(required=True)
+    what = parser.add_mutually_exclusive_group()
     what.add_argument("--annotation", help="annotation file (.json list or .jsonl)")
     what.add_argument("--dataset", help="what --dataset_use takes: registry names, annotation files, Hugging Face "
                                         "datasets (name%%N keeps a seeded N%%)")
@@ -322,12 +452,22 @@ def main(argv: list[str] | None = None) -> list[Prediction]:
     parser.add_argument("--min_pixels", default=None, help="override the saved limit, e.g. 4*28*28")
     parser.add_argument("--max_pixels", default=None, help="override the saved limit, e.g. 576*28*28")
     parser.add_argument("--seed", type=int, default=42, help="seed of the name%%N subsets (as in training)")
-    args = parser.parse_args(argv)
+    add_media_flags(parser, [name for name in MEDIA_FLAGS if name not in ("min_pixels", "max_pixels")], saved=True)
+    add_row_flags(parser)
+    add_config_flag(parser)
+    args = parse_tool_args(parser, argv, CONFIG_KEYS)
+    if not (args.annotation or args.dataset or args.image or args.text_only):
+        use = args.config_settings.get("eval_dataset_use") or args.config_settings.get("dataset_use")
+        if not use:
+            parser.error("one of the arguments --annotation --dataset --image --text_only is required (or a "
+                         "--config train file's eval_dataset_use / dataset_use)")
+        args.dataset = use
 
     predictor = Predictor.from_pretrained(
         args.model, base_model=args.base_model, dtype=DTYPES[args.dtype], attn_implementation=args.attn_implementation,
         min_pixels=PixelCount(args.min_pixels) if args.min_pixels else None,
         max_pixels=PixelCount(args.max_pixels) if args.max_pixels else None,
+        media={name: getattr(args, name) for name in MEDIA_FLAGS if name not in ("min_pixels", "max_pixels")},
     )
     if args.image or args.text_only:
         if not args.prompt:

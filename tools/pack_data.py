@@ -76,7 +76,11 @@ from qwenvl.data.packing import (  # noqa: E402,F401 - first_fit_decreasing: als
     is_packed_file,
 )
 from qwenvl.data.token_count import TokenCount, TokenCounter  # noqa: E402
+from qwenvl.models import family_for  # noqa: E402
+from qwenvl.models.base import read_json  # noqa: E402
 from tools.common import (  # noqa: E402
+    MEDIA_FLAGS,
+    ROW_FLAGS,
     ToolInput,
     add_input_flags,
     add_media_flags,
@@ -84,11 +88,15 @@ from tools.common import (  # noqa: E402
     load_checkpoint,
     load_dataset_registry,
     media_data_args,
+    parse_tool_args,
     write_json_atomic,
 )
 from tools.common import resolve_inputs as common_resolve_inputs  # noqa: E402
 
 CACHE_FORMAT = "qwenvl-token-counts"
+# Training's settings this tool takes from --config files (a train file's dataset_use: the inputs).
+CONFIG_KEYS = ("dataset_use", "dataset_registry", "model_name_or_path", "model_max_length", "pack_length", "seed",
+               "bad_sample_policy", *MEDIA_FLAGS, *ROW_FLAGS)
 
 
 # ------------------------------------------------------------------- command line
@@ -99,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__[__doc__.index("Inputs and outputs:"):], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_input_flags(parser)
-    parser.add_argument("--model_name_or_path", required=True,
-                        help="checkpoint or processor folder: its tokenizer and image processor (patch/merge sizes)")
+    parser.add_argument("--model_name_or_path", default=None,
+                        help="checkpoint or processor folder: its tokenizer and image processor (patch/merge sizes); "
+                             "required, here or in a --config file")
     parser.add_argument("--pack_length", type=int, default=4096, help="tokens per group (default 4096)")
     parser.add_argument("--model_max_length", type=int, default=None,
                         help="training's --model_max_length: longer samples are cut on text or rejected exactly as "
@@ -495,13 +504,36 @@ def plan_outputs(sources: list[PackedSource], output: str | None,
     return [(Path(output), data_path, list(sources))]
 
 
+def refuse_unpackable(model_name_or_path: str) -> None:
+    """Stop before anything loads when the checkpoint's family cannot train packed files (the HF-processor
+    families, ``family.uses_processor_items``: training refuses ``--data_packing`` for them, see
+    ``family.flatten_refusal``). Reads only the folder's ``config.json`` (a hub id: ``load_checkpoint`` decides).
+
+    Raises:
+        SystemExit: ``error: ... not supported for the llava family (LlavaForConditionalGeneration): ...``.
+    """
+    config = read_json(Path(model_name_or_path) / "config.json")
+    if config is None:
+        return
+    try:
+        family = family_for(config)
+    except ValueError:
+        return  # load_checkpoint names the supported model types
+    if family.uses_processor_items:
+        raise SystemExit(f"error: --model_name_or_path {model_name_or_path}: packed files train with --data_packing "
+                         f"True, which is not supported for the {family.model_type} family "
+                         f"({family.model_class_name}): {family.flatten_refusal}. Train on the annotation files "
+                         f"as they are (padded batches); there is nothing to pack.")
+
+
 def main(argv: list[str] | None = None) -> list[PackResult]:
     """Run the tool; returns one PackResult per written file."""
-    args = build_parser().parse_args(argv)
+    args = parse_tool_args(build_parser(), argv, CONFIG_KEYS, required=("model_name_or_path",))
     if args.pack_length < 1:
         raise SystemExit(f"--pack_length must be positive, got {args.pack_length}")
     if args.model_max_length is None:
         args.model_max_length = args.pack_length
+    refuse_unpackable(args.model_name_or_path)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.registry_file:

@@ -57,16 +57,24 @@ from qwenvl.data.packing import BAD  # noqa: E402
 from qwenvl.data.validation import check_record  # noqa: E402
 from qwenvl.data.video import VideoPlan, plan_video, probe_video  # noqa: E402
 from qwenvl.data.vision import VisionConfig, image_size, num_vision_tokens  # noqa: E402
+from qwenvl.models import family_for  # noqa: E402
 from qwenvl.models.base import read_json  # noqa: E402
 from qwenvl.train.argument import DataArguments  # noqa: E402
 from tools.common import (  # noqa: E402
     MEDIA_FLAGS,
+    ROW_FLAGS,
     Checkpoint,
+    add_config_flag,
     add_media_flags,
+    add_row_flags,
     load_checkpoint,
     load_dataset_registry,
+    parse_tool_args,
 )
 
+# Training's settings this tool takes from --config files (a train file's dataset_use: the inputs).
+CONFIG_KEYS = ("dataset_use", "dataset_registry", "model_name_or_path", "model_max_length", "seed", *MEDIA_FLAGS,
+               *ROW_FLAGS)
 THUMB_WIDTH = 480  # CSS width an image is shown at when it is wider
 HISTOGRAM_BINS = 30
 
@@ -79,14 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__[__doc__.index("Inputs and outputs:"):], formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="what --dataset_use takes: registry names, annotation files (.json list or .jsonl), "
-                             "Hugging Face datasets or cached hub dataset names, each optionally with %%N")
+                             "Hugging Face datasets or cached hub dataset names, each optionally with %%N (none: a "
+                             "--config train file's dataset_use)")
     parser.add_argument("--dataset_registry", default="",
                         help="as in training: a registry file (YAML or JSON) whose names the inputs may use")
-    parser.add_argument("--model_name_or_path", required=True,
+    add_row_flags(parser)
+    add_config_flag(parser)
+    parser.add_argument("--model_name_or_path", default=None,
                         help="checkpoint folder: its tokenizer, image processor and model family (chat layout, "
-                             "grounding frame)")
+                             "grounding frame); required, here or in a --config file")
     parser.add_argument("--model_max_length", type=int, default=512, help="as in training (default 512)")
     parser.add_argument("--seed", type=int, default=42, help="as training's --seed: picks the name%%N subsets")
     parser.add_argument("--samples", type=int, default=20, help="samples shown per input, the first ones kept "
@@ -743,13 +754,38 @@ def collect(dataset: LazySupervisedDataset, summaries: list[InputSummary], args:
     return views, lengths, bad
 
 
+def processor_family_refusal(model_name_or_path: str) -> str | None:
+    """Why the page cannot be made for this checkpoint, read from its ``config.json`` alone, or None: the page
+    draws Qwen-VL layouts (patch grids, ``<|image_pad|>`` blocks), not those of an HF-processor family
+    (``family.uses_processor_items``: LLaVA & co.), whose samples tools/check_image.py checks instead.
+
+    Example:
+        >>> processor_family_refusal("tiny_model/llava")
+        '--model_name_or_path tiny_model/llava: the llava family (LlavaForConditionalGeneration) builds ...'
+    """
+    config = read_json(Path(model_name_or_path) / "config.json")
+    try:
+        family = family_for(config) if config is not None else None
+    except ValueError:
+        return None  # load_checkpoint names the supported model types
+    if family is None or not family.uses_processor_items:
+        return None
+    return (f"--model_name_or_path {model_name_or_path}: the {family.model_type} family ({family.model_class_name}) "
+            f"builds its samples with its Hugging Face processor, which this page does not draw yet (it shows "
+            f"Qwen-VL patch grids and image blocks); check its data with tools/check_image.py --model_name_or_path "
+            f"{model_name_or_path}, which reports each image's size and tokens as that processor gives them")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write the preview page; returns the exit status (0 no bad sample, 1 some)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # counting workers fork after the tokenizer was used
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_tool_args(parser, argv, CONFIG_KEYS, required=("model_name_or_path",))
     if args.samples < 0:
         parser.error(f"--samples should be 0 or more but found {args.samples}")
+    unsupported = processor_family_refusal(args.model_name_or_path)
+    if unsupported:
+        parser.error(unsupported)
     try:
         load_dataset_registry(args.dataset_registry)
         data_args = preview_data_args(args)

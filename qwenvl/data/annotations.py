@@ -80,6 +80,7 @@ from qwenvl.data.chat import (
     sample_videos,
 )
 from qwenvl.data.sources import (
+    IMAGES_LEFT_OUT,
     RowError,
     Source,
     SourceError,
@@ -317,6 +318,13 @@ class _Writer:
         self.bad_rows: list[int] = []
         self.num_bad = 0
         self.any_media = False
+        self.images_left_out = 0  # rows whose images gave way to their video (``sources.media_slot``)
+
+    def note(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` without ``make_record``'s note, which is counted."""
+        if record.pop(IMAGES_LEFT_OUT, 0):
+            self.images_left_out += 1
+        return record
 
     def add(self, text: bytes, record: Any, media: list[bytes] | None = None) -> None:
         stats = record_stats(record)
@@ -463,7 +471,7 @@ class _Adder:
         if self.mapping is None:
             self.mapping = resolve_mapping(self.source, list(dict.fromkeys([*record, *self.source.columns.values()])))
         try:
-            record, media = _split_inline(make_record(record, self.mapping))
+            record, media = _split_inline(self.writer.note(make_record(record, self.mapping)))
         except RowError as exc:
             self.writer.add_bad({"reason": exc.reason, "kind": exc.kind})
             return
@@ -514,7 +522,7 @@ def _convert_hf(source: Source, writer: _Writer) -> None:
     for rows in iter_batches(source):
         for row in rows:
             try:
-                record, media = _split_inline(make_record(row, mapping))
+                record, media = _split_inline(writer.note(make_record(row, mapping)))
             except RowError as exc:
                 writer.add_bad({"reason": exc.reason, "kind": exc.kind})
                 continue
@@ -557,7 +565,12 @@ def build_store(source: Source, path: str) -> None:
         if writer.rows == 0:
             raise SourceError(f"{source.describe()}: the dataset holds no samples")
         meta = {"rows": writer.rows, "bytes": os.path.getsize(temporary), "num_bad": writer.num_bad,
-                "bad_rows": writer.bad_rows, "any_media": writer.any_media, "identity": source_identity(source)}
+                "bad_rows": writer.bad_rows, "any_media": writer.any_media, "identity": source_identity(source),
+                "images_left_out": writer.images_left_out}
+        if writer.images_left_out:
+            logger.warning("%s: %d row(s) hold images and a video but message_format has one media part: each "
+                           "trains on its video (data_processing with both modalities on: video takes precedence); "
+                           "their images are left out", source.describe(), writer.images_left_out)
         _publish_json(path + ".meta", meta)  # before the store: a store never lacks its .meta
         os.replace(temporary, path)
         _sync_dir(os.path.dirname(path) or ".")
@@ -777,6 +790,7 @@ class AnnotationStore:
             raise ValueError(f"{self.path}: {self.table.num_rows} rows, its .meta records {meta['rows']}: a damaged "
                              "store; delete it and its .meta to rebuild it")
         self.num_bad, self.bad_rows, self.any_media = meta["num_bad"], meta["bad_rows"], meta["any_media"]
+        self.images_left_out = int(meta.get("images_left_out", 0))  # rows that train on their video only
         self._chunks = []  # per record batch: (offsets (n+1,) int64, data bytes)
         starts = [0]
         for chunk in self.table.column("record").chunks:
@@ -926,6 +940,10 @@ class AnnotationSet:
             size = len(store) if kept is None else len(kept)
             counts.append(counts[-1] + size)
             logger.info("dataset %s: %d of %d samples (%s)", source.name, size, len(store), source.location)
+            if store.images_left_out:
+                logger.warning("dataset %s: %d row(s) train on their video, their images left out (message_format "
+                               "has one media part; both modalities on: video takes precedence)", source.name,
+                               store.images_left_out)
         self._starts = counts
         if counts[-1] == 0:
             raise SourceError(f"--dataset_use {dataset_use} holds no samples")

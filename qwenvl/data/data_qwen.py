@@ -138,7 +138,7 @@ class LazySupervisedDataset(Dataset):
         if self.family.uses_processor_items:  # the checkpoint's processor renders and expands (hf_items.py)
             if processor is None:
                 raise ValueError(f"the {self.family.model_type} family builds its items with the checkpoint's "
-                                 f"processor: pass processor=AutoProcessor.from_pretrained(checkpoint)")
+                                 f"processor: pass processor=family.load_processor(checkpoint)")
             self.processor_items = ProcessorItemBuilder(processor, self.family, train_on_prompt)
         else:
             self.encoder = ChatEncoder(tokenizer, self.family, train_on_prompt=train_on_prompt)
@@ -340,8 +340,9 @@ class LazySupervisedDataset(Dataset):
                 builder's ``SampleError``.
         """
         if videos:
-            raise self.bad(i, f"{len(videos)} video(s), but the {self.family.model_type} family takes images only",
-                           "unsupported_media")
+            reason = getattr(self.family, "video_refusal", "")  # why, where the family says
+            raise self.bad(i, f"{len(videos)} video(s), but the {self.family.model_type} family takes images only"
+                           + (f": {reason}" if reason else ""), "unsupported_media")
         opened = []
         for number, source in enumerate(images):
             try:

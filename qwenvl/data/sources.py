@@ -527,11 +527,31 @@ def template_mapping(source: Source, columns: list[str], pick: Any) -> RowMappin
                       source.template)
 
 
+# make_record's note (popped by the annotation store, which counts it) of a row whose images gave way to its video.
+IMAGES_LEFT_OUT = "$images_left_out"
+
+
+def media_slot(template: dict[str, Any]) -> str | None:
+    """``image`` or ``video`` when every media part of the template is of that one kind, else None.
+
+    Such a template has one media slot: it holds the row's videos when it has any, else its images
+    (data_processing with both modalities on: video takes precedence).
+
+    Example:
+        >>> media_slot({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]})
+        'image'
+    """
+    kinds = {part["type"] for message in template.get("messages", []) for part in message["content"]
+             if part["type"] in ("image", "video")}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 def render_template(row: dict[str, Any], mapping: RowMapping, images: int, videos: int) -> list[dict[str, str]]:
     """One row's conversation from the message template: placeholders filled, image/video parts as tags.
 
     Parts of a turn are joined as written (as the chat template renders content parts). An image
-    part stands for all the row's images (one ``<image>`` each); so does a video part.
+    part stands for all the row's images (one ``<image>`` each); so does a video part. A template
+    with media parts of one kind only (``media_slot``) takes the row's media of either kind there.
 
     Args:
         row: the row.
@@ -565,12 +585,17 @@ def render_template(row: dict[str, Any], mapping: RowMapping, images: int, video
             raise RowError(f"message_format {{{name}}}: column {column!r} holds {found!r}, expected text")
         return found
 
+    slot = media_slot(template)
     image_parts = video_parts = 0
     turns = []
     for message in template.get("messages", []):
         text = ""
         for part in message["content"]:
-            if part["type"] == "image":
+            if slot is not None and part["type"] == slot:  # one slot: the row's videos, else its images
+                image_parts += 1
+                video_parts += 1
+                text += VIDEO_TAG * videos + IMAGE_TAG * images
+            elif part["type"] == "image":
                 image_parts += 1
                 text += IMAGE_TAG * images
             elif part["type"] == "video":
@@ -579,7 +604,10 @@ def render_template(row: dict[str, Any], mapping: RowMapping, images: int, video
             else:
                 text += _PLACEHOLDER.sub(lambda match: value(match.group(1)), part["text"])
         turns.append({"from": ROLE_NAMES[message["role"]], "value": text})
-    for what, parts, count in (("image", image_parts, images), ("video", video_parts, videos)):
+    if slot is not None and not (images or videos):
+        raise RowError(f"message_format has a {{type: {slot}}} part but the row has no image or video", "tag_mismatch")
+    for what, parts, count in (() if slot is not None else
+                               (("image", image_parts, images), ("video", video_parts, videos))):
         if count and not parts:
             raise RowError(f"the row has {count} {what}(s) but message_format has no {{type: {what}}} part",
                            "tag_mismatch")
@@ -627,7 +655,15 @@ def make_record(row: dict[str, Any], mapping: RowMapping) -> dict[str, Any]:
         else:
             videos += count
     if mapping.template is not None:
+        left_out = 0
+        if images and videos and media_slot(mapping.template) is not None:
+            # One media part and a row with both: video takes precedence (data_processing with both modalities
+            # on; one turned off refuses the datasets holding it before training). Counted by the store.
+            left_out, images = images, 0
+            record = {key: value for key, value in record.items() if key.startswith("video")}
         record["conversations"] = render_template(row, mapping, images, videos)
+        if left_out:
+            record[IMAGES_LEFT_OUT] = left_out
         return record
     system = row.get(mapping.system) if mapping.system else None
     system = system if isinstance(system, str) and system else mapping.system_prompt

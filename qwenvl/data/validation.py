@@ -43,6 +43,7 @@ from qwenvl.data.chat import (
     sample_images,
     sample_videos,
 )
+from qwenvl.data.hf_items import ProcessorItemBuilder
 from qwenvl.data.video import VideoError, VideoPlan, load_video_plan
 from qwenvl.data.vision import (
     ImageError,
@@ -98,6 +99,28 @@ MEDIA_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".
 STRUCTURE_TOKENS = SpecialTokens().structure()
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One image of a valid sample as training gives it to the model (``tools/check_image.py`` reports it).
+
+    Attributes:
+        number (int): its position among the sample's images.
+        width (int): width of the file, in pixels.
+        height (int): height of the file, in pixels.
+        processed_width (int): width of its pixel values (Qwen: after ``smart_resize``; HF-processor families: the
+            processor's output, e.g. LLaVA's 336 crop).
+        processed_height (int): height of its pixel values.
+        tokens (int | None): LLM tokens it becomes (None: the family writes an image in several runs).
+    """
+
+    number: int
+    width: int
+    height: int
+    processed_width: int
+    processed_height: int
+    tokens: int | None
 
 
 @dataclass(frozen=True)
@@ -334,8 +357,11 @@ class SampleValidator:
         if tokenizer is not None:
             self.encoder = ChatEncoder(tokenizer, family)
 
-    def check(self, record: Any, ref: SampleRef) -> None:
+    def check(self, record: Any, ref: SampleRef) -> list[ImageInfo]:
         """All checks of one record, in training's order.
+
+        Returns:
+            list[ImageInfo]: each image's size as training gives it to the model and its tokens.
 
         Raises:
             BadSampleError: the sample's first problem.
@@ -343,7 +369,7 @@ class SampleValidator:
         path, index = ref.annotation_path, ref.index
         checked = check_record(record, path, index, self.family)
         cfg = self.vision_config
-        image_tokens, video_tokens, timestamps = [], [], []
+        image_tokens, video_tokens, timestamps, infos = [], [], [], []
         for number, source in enumerate(checked.images):
             image = self._retrying(lambda: load_image_checked(source, number, ref.data_path, path, index), ref)
             try:
@@ -352,6 +378,7 @@ class SampleValidator:
                 raise BadSampleError(path, index, f"image {number}: {exc}", exc.kind) from None
             image_tokens.append(num_vision_tokens((1, height // cfg.patch_size, width // cfg.patch_size),
                                                   cfg.merge_size))
+            infos.append(ImageInfo(number, image.width, image.height, width, height, image_tokens[-1]))
         for number, source in enumerate(checked.videos):
             _, plan = self._retrying(lambda: load_video_checked(source, number, ref.data_path, self.data_args, cfg,
                                                                 path, index, self.family, self.settings), ref)
@@ -363,6 +390,7 @@ class SampleValidator:
                               timestamps)
             except SampleError as exc:
                 raise BadSampleError(path, index, exc.reason, exc.kind) from None
+        return infos
 
     def validate(self, record: Any, ref: SampleRef) -> Problem | None:
         """The sample's first problem, or None when training would use it.
@@ -370,21 +398,104 @@ class SampleValidator:
         Any exception other than ``BadSampleError`` is this sample's ``unexpected_error``
         (with the exception's type and message), so one odd sample never stops a check.
         """
+        return self.inspect(record, ref)[0]
+
+    def inspect(self, record: Any, ref: SampleRef) -> tuple[Problem | None, list[ImageInfo]]:
+        """``validate`` plus the images of a valid sample as training sizes them (``check``'s ``ImageInfo``).
+
+        Returns:
+            tuple[Problem | None, list[ImageInfo]]: the first problem (then no images), or None and the images.
+        """
         try:
-            self.check(record, ref)
+            infos = self.check(record, ref)
         except BadSampleError as exc:
-            return Problem.from_error(exc, ref.dataset)
-        except Exception as exc:  # noqa: BLE001 - reported as the sample's problem, see the docstring
+            return Problem.from_error(exc, ref.dataset), []
+        except Exception as exc:  # noqa: BLE001 - reported as the sample's problem, see validate's docstring
             logger.debug("unexpected error on %s:%s", ref.annotation_path, ref.index, exc_info=True)
             return Problem(ref.dataset, ref.annotation_path, ref.index, "unexpected_error",
-                           unexpected_reason(exc))
-        return None
+                           unexpected_reason(exc)), []
+        return None, list(infos or [])  # a subclass's check may return None
 
     def _retrying(self, load: Callable[[], T], ref: SampleRef) -> T:
         try:
             return with_io_retries(load, self.io_retries, self.io_backoff, f"{ref.annotation_path}:{ref.index}")
         except OSError as exc:
             raise io_error(exc, ref.annotation_path, ref.index, self.io_retries + 1) from None
+
+
+class ProcessorSampleValidator(SampleValidator):
+    """Training's checks for an HF-processor family (``family.uses_processor_items``, e.g. LLaVA).
+
+    The record checks and image decoding are ``SampleValidator``'s; the sample is then built by the same
+    ``ProcessorItemBuilder.build`` ``LazySupervisedDataset`` calls for these families (the checkpoint's chat
+    template and processor), which finds ``tag_mismatch``, ``over_length`` and ``no_labels``, and gives each
+    image's processed size and tokens exactly as training feeds them.
+
+    Args:
+        processor (Any): the checkpoint's ``AutoProcessor``.
+        family (ModelFamily): its family.
+        model_max_length (int | None): training's ``--model_max_length``.
+        train_on_prompt (bool): training's ``--train_on_prompt``.
+        io_retries (int): retries of transient I/O errors per sample.
+        io_backoff (float): seconds before the first retry.
+    """
+
+    def __init__(self, processor: Any, family: ModelFamily, model_max_length: int | None = None,
+                 train_on_prompt: bool = False, io_retries: int = 3, io_backoff: float = 0.5):
+        super().__init__(family.vision_defaults.image_config(), model_max_length=model_max_length,
+                         io_retries=io_retries, io_backoff=io_backoff, family=family)
+        self.builder = ProcessorItemBuilder(processor, family, train_on_prompt)
+        self.encoder = self.builder  # the token checks run (check_image reports whether they did)
+        # The token the model puts image features at (Gemma 3: its soft token, not the <start_of_image> a record's
+        # tag becomes); processors name it image_token_id.
+        self.feature_id = int(getattr(processor, "image_token_id", None) or self.builder.image_id)
+
+    def check(self, record: Any, ref: SampleRef) -> list[ImageInfo]:
+        """Record checks, image decoding, then ``ProcessorItemBuilder.build`` (see the class docstring).
+
+        Returns:
+            list[ImageInfo]: each image's original size, the size of its pixel values and its tokens.
+
+        Raises:
+            BadSampleError: the sample's first problem.
+        """
+        path, index = ref.annotation_path, ref.index
+        checked = check_record(record, path, index, self.family)
+        if checked.videos and "pixel_values_videos" not in self.family.media_keys:
+            raise BadSampleError(path, index, f"{len(checked.videos)} video(s), but the {self.family.model_type} "
+                                 f"family takes images only", "unsupported_media")
+        images = [self._retrying(lambda: load_image_checked(source, number, ref.data_path, path, index), ref)
+                  for number, source in enumerate(checked.images)]
+        try:
+            item = self.builder.build(checked.conversation, images, self.model_max_length)
+        except SampleError as exc:
+            raise BadSampleError(path, index, exc.reason, exc.kind) from None
+        return processor_image_infos(item, images, self.feature_id)
+
+
+def processor_image_infos(item: dict[str, Any], images: Sequence[Any], image_id: int) -> list[ImageInfo]:
+    """Each image of a processor-built item: original size, the size of its pixel values (the last two dims of
+    ``pixel_values``, a tile for tiling families) and its tokens: the length of its run of ``image_id`` (the token
+    the model puts image features at) in ``input_ids`` when the item has one run per image, else None (a family
+    that splits an image into several runs; ``ImageInfo.tokens`` then stays unknown rather than guessed).
+
+    Example:
+        >>> [i.tokens for i in processor_image_infos(llava_item_of_two_images, two_images, image_id)]
+        [576, 576]
+    """
+    ids = item["input_ids"].numpy() if hasattr(item["input_ids"], "numpy") else item["input_ids"]
+    where = [int(k) for k in range(len(ids)) if int(ids[k]) == image_id]
+    runs: list[int] = []
+    for position, k in enumerate(where):
+        if position and where[position - 1] == k - 1:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    pixels = item.get("pixel_values")
+    height, width = (int(pixels.shape[-2]), int(pixels.shape[-1])) if pixels is not None else (0, 0)
+    return [ImageInfo(number, image.width, image.height, width, height,
+                      runs[number] if len(runs) == len(images) else None)
+            for number, image in enumerate(images)]
 
 
 def video_block_tokens(grid_thw: Sequence[int], merge_size: int, family: ModelFamily | None) -> list[int]:

@@ -13,7 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from qwenvl.models.base import LLM, PROJECTOR, VISION_TOWER, ModelFamily, SpecialTokens, TokenIds, VisionSettings
+from qwenvl.models.gemma3 import GEMMA3
+from qwenvl.models.idefics3 import IDEFICS3, SMOLVLM
+from qwenvl.models.internvl import INTERNVL
 from qwenvl.models.llava import LLAVA
+from qwenvl.models.llava_next import LLAVA_NEXT
+from qwenvl.models.llava_onevision import LLAVA_ONEVISION
+from qwenvl.models.paligemma import PALIGEMMA
 from qwenvl.models.qwen2_5_vl import QWEN2_5_VL
 from qwenvl.models.qwen2_vl import QWEN2_VL
 from qwenvl.models.qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
@@ -31,7 +37,15 @@ FAMILIES: dict[str, ModelFamily] = {
     "qwen2_5_vl": QWEN2_5_VL,
     "qwen3_vl": QWEN3_VL,
     "qwen3_vl_moe": QWEN3_VL_MOE,
-    "llava": LLAVA,  # the HF-processor kind (qwenvl/models/hf_family.py)
+    # the HF-processor kind (qwenvl/models/hf_family.py): one line per family
+    "llava": LLAVA,
+    "llava_next": LLAVA_NEXT,
+    "llava_onevision": LLAVA_ONEVISION,
+    "internvl": INTERNVL,
+    "paligemma": PALIGEMMA,
+    "idefics3": IDEFICS3,
+    "smolvlm": SMOLVLM,
+    "gemma3": GEMMA3,
 }
 
 

@@ -190,6 +190,36 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def tiny_text_config(token_ids: dict[str, int], model_type: str | None = "qwen2", **overrides: Any) -> dict[str, Any]:
+    """The tiny test checkpoints' LLM: a Qwen2 of hidden 64, 2 layers, 4 heads (head_dim 16), 2 kv heads, over the
+    shipped Qwen tokenizer's vocabulary (151,936 rows: the released embedding size, padded past the tokenizer).
+
+    Args:
+        token_ids (dict[str, int]): ``bos_token_id``, ``eos_token_id``, ``pad_token_id`` of the tokenizer.
+        model_type (str | None): the ``model_type`` key (``qwen2`` for a family whose released LLM is another:
+            LLaVA's Llama, InternVL's Qwen2.5); None leaves it out (the top config knows its text config's type).
+        **overrides (Any): keys to change or add (``max_position_embeddings``, Qwen2-VL's mrope
+            ``rope_parameters``...).
+
+    Returns:
+        dict[str, Any]: the text config as a dict.
+
+    Example:
+        >>> tiny_text_config(ids, max_position_embeddings=4096)["max_position_embeddings"]
+        4096
+    """
+    config: dict[str, Any] = {} if model_type is None else {"model_type": model_type}
+    config.update({
+        "vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "bos_token_id": token_ids["bos_token_id"], "eos_token_id": token_ids["eos_token_id"],
+        "pad_token_id": token_ids["pad_token_id"], "dtype": "float32",
+    })
+    config.update(overrides)
+    return config
+
+
 @dataclass(frozen=True)
 class ModelFamily(ABC):
     """One Qwen-VL generation. Subclasses fill the fields and the abstract methods.

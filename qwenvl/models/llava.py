@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qwenvl.models.base import VisionSettings
-from qwenvl.models.hf_family import HFProcessorFamily, ProcessorTokens
+from qwenvl.models.base import VisionSettings, tiny_text_config
+from qwenvl.models.hf_family import HFProcessorFamily, ProcessorTokens, tiny_vision_config
 
 # The released llava-hf layout (images first in a turn, then its text), each answer ending with eos_token.
 LLAVA_CHAT_TEMPLATE = (
@@ -43,6 +43,39 @@ LLAVA_VISION = VisionSettings(
 )
 
 
+# What LlavaProcessor / LlavaNextProcessor need to count a CLIP tower's image tokens (its CLS token dropped).
+CLIP_PROCESSOR_SETTINGS = {"patch_size": PATCH_SIZE, "vision_feature_select_strategy": "default",
+                           "num_additional_image_tokens": 1}
+
+
+def tiny_llava_config(token_ids: dict[str, int], image_size: int, **settings: Any) -> dict[str, Any]:
+    """The config kwargs of a tiny LLaVA-style checkpoint (LLaVA-1.5, LLaVA-NeXT): a CLIP tower of depth 2, width
+    32 at ``image_size`` / 14, read at layer -2 without its CLS token, a GELU projector, a Qwen2 LLM of hidden 64,
+    2 layers (``tiny_text_config``), and the family's further ``settings``.
+
+    Args:
+        token_ids (dict[str, int]): the tokenizer's ids (``image_token_id``, bos / eos / pad).
+        image_size (int): the tower's input side (a tile of LLaVA-NeXT).
+        **settings (Any): further config kwargs, or replacements (``text_config``).
+
+    Returns:
+        dict[str, Any]: the config kwargs.
+    """
+    return {
+        "text_config": tiny_text_config(token_ids, max_position_embeddings=4096),  # released: llama
+        "vision_config": tiny_vision_config("clip_vision_model", patch_size=PATCH_SIZE, image_size=image_size,
+                                            projection_dim=32),
+        "image_token_index": token_ids["image_token_id"],
+        "image_seq_length": (image_size // PATCH_SIZE) ** 2,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",  # CLS dropped
+        "projector_hidden_act": "gelu",
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+        **settings,
+    }
+
+
 @dataclass(frozen=True)
 class LlavaFamily(HFProcessorFamily):
     """LLaVA-1.5: one 336 x 336 crop per image, 576 image tokens, grounding boxes relative 0-1 of the image."""
@@ -50,65 +83,25 @@ class LlavaFamily(HFProcessorFamily):
     grounding_range = 1  # LLaVA-1.5's boxes: [x1, y1, x2, y2] as fractions of the (square) image
 
     def tiny_config_kwargs(self, token_ids: dict[str, int]) -> dict[str, Any]:
-        """LlavaConfig kwargs: CLIP tower depth 2, width 32, at 336/14; a Qwen2 LLM of hidden 64, 2 layers.
+        """LlavaConfig kwargs: CLIP tower depth 2, width 32, at 336/14; a Qwen2 LLM of hidden 64, 2 layers
+        (``tiny_llava_config``).
 
         Example:
             >>> LLAVA.tiny_config_kwargs(ids)["image_seq_length"]
             576
         """
-        text_config = {
-            "model_type": "qwen2",  # the shipped Qwen tokenizer's LLM; released checkpoints: llama
-            "vocab_size": 151936,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,  # head_dim 16
-            "num_key_value_heads": 2,
-            "hidden_act": "silu",
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-            "bos_token_id": token_ids["bos_token_id"],
-            "eos_token_id": token_ids["eos_token_id"],
-            "pad_token_id": token_ids["pad_token_id"],
-            "dtype": "float32",
-        }
-        vision_config = {
-            "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "patch_size": PATCH_SIZE,
-            "image_size": IMAGE_SIZE,
-            "projection_dim": 32,
-        }
-        return {
-            "text_config": text_config,
-            "vision_config": vision_config,
-            "image_token_index": token_ids["image_token_id"],
-            "image_seq_length": (IMAGE_SIZE // PATCH_SIZE) ** 2,
-            "vision_feature_layer": -2,
-            "vision_feature_select_strategy": "default",  # CLS dropped
-            "projector_hidden_act": "gelu",
-            "tie_word_embeddings": False,
-            "dtype": "float32",
-        }
+        return tiny_llava_config(token_ids, IMAGE_SIZE)
 
     def tiny_processor(self, tokenizer: Any) -> Any:
         """A ``LlavaProcessor`` of the released settings around ``tokenizer`` (which must know ``<image>``)."""
-        from transformers import LlavaProcessor
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
             image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
         )
-        return LlavaProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1,
-            chat_template=self.chat_template, image_token=self.tokens.image,
-        )
+        return self.tiny_processor_around(tokenizer, image_processor, image_token=self.tokens.image,
+                                          **CLIP_PROCESSOR_SETTINGS)
 
 
 LLAVA = LlavaFamily(
@@ -118,8 +111,6 @@ LLAVA = LlavaFamily(
     default_system_prompt=None,
     chat_template=LLAVA_CHAT_TEMPLATE,
     vision_defaults=LLAVA_VISION,
-    vision_module="vision_tower",
-    projector_modules=("multi_modal_projector",),
     tokens=ProcessorTokens(image="<image>", reserved=("<s>", "</s>")),
     image_processor_class="CLIPImageProcessorPil",
 )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwenvl.data.rope2d import get_rope_index_2
-from qwenvl.models.base import GridThw, ModelFamily, VisionSettings
+from qwenvl.models.base import GridThw, ModelFamily, VisionSettings, tiny_text_config as base_tiny_text_config
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -57,28 +57,18 @@ QWEN2_CHAT_TEMPLATE = (
 
 
 def tiny_text_config(token_ids: dict[str, int]) -> dict[str, Any]:
-    """Text config of the tiny Qwen2/2.5-VL: hidden 64, 2 layers, 4 heads (head_dim 16), 2 kv heads."""
-    return {
-        "vocab_size": 151936,  # the released embedding size (> tokenizer length, padded)
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,  # head_dim 16
-        "num_key_value_heads": 2,
-        "hidden_act": "silu",
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "use_cache": True,
-        "use_sliding_window": False,
-        "max_window_layers": 2,
+    """Text config of the tiny Qwen2/2.5-VL: the tiny Qwen2 (``qwenvl.models.base.tiny_text_config``) with mrope.
+
+    Example:
+        >>> tiny_text_config(ids)["rope_parameters"]["mrope_section"]
+        [2, 3, 3]
+    """
+    return base_tiny_text_config(
+        token_ids, model_type=None, use_cache=True, use_sliding_window=False, max_window_layers=2,
         # mrope: (temporal, height, width) sections of the rotary half-dim, head_dim/2 = 8;
         # the released [16, 24, 24] for head_dim 128, scaled down.
-        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0},
-        "bos_token_id": token_ids["bos_token_id"],
-        "eos_token_id": token_ids["eos_token_id"],
-        "pad_token_id": token_ids["pad_token_id"],
-        "dtype": "float32",
-    }
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0},
+    )
 
 
 def tiny_top_config(text_config: dict[str, Any], vision_config: dict[str, Any], token_ids: dict[str, int],

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from qwenvl.data.rope2d import get_rope_index_3
-from qwenvl.models.base import GridThw, ModelFamily, VisionSettings
+from qwenvl.models.base import GridThw, ModelFamily, VisionSettings, tiny_text_config
 from qwenvl.models.qwen2_vl import tiny_top_config
 
 # The released Qwen3-VL preprocessor_config.json / video_preprocessor_config.json values.
@@ -318,27 +318,11 @@ class Qwen3VLFamily(ModelFamily):
             >>> QWEN3_VL_MOE.tiny_config_kwargs(ids)["text_config"]["num_experts"]
             4
         """
-        text_config: dict[str, Any] = {
-            "vocab_size": 151936,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "hidden_act": "silu",
-            "max_position_embeddings": 32768,
-            "rms_norm_eps": 1e-6,
-            "use_cache": True,
-            "attention_bias": False,
-            "rope_parameters": {
-                "rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True, "rope_theta": 5000000.0,
-            },
-            "bos_token_id": token_ids["bos_token_id"],
-            "eos_token_id": token_ids["eos_token_id"],
-            "pad_token_id": token_ids["pad_token_id"],
-            "dtype": "float32",
-        }
+        text_config = tiny_text_config(
+            token_ids, model_type=None, head_dim=16, use_cache=True, attention_bias=False,
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True,
+                             "rope_theta": 5000000.0},
+        )
         if self.moe:
             text_config.update({
                 "num_experts": 4,

@@ -7,7 +7,10 @@ The vision tower and the merger keep the meaning of their tune flags: with
 ``--tune_mm_mlp`` / ``--tune_mm_vision`` they train fully, as peft
 ``modules_to_save`` next to the adapters, and the per-module LRs
 (``--mm_projector_lr``, ``--vision_tower_lr``) apply to them because
-``classify_parameter`` sees ``visual.merger`` / ``visual.`` in the peft names.
+``classify_parameter`` sees ``visual.merger`` / ``visual.`` in the peft names
+(an HF-processor family's ``multi_modal_projector`` / ``vision_tower`` alike: the
+modules are found by what ``classify_parameter`` says of their parameters, and the
+adapters never go into the family's vision modules, ``vision_modules``).
 
 A saved LoRA folder holds ``adapter_config.json`` + ``adapter_model.safetensors``
 (plus the processor files ``train_qwen`` writes); ``load_finetuned`` loads it or
@@ -54,8 +57,10 @@ def lora_target_regex(model: nn.Module, target_modules: str = AUTO) -> str:
     """peft ``target_modules`` regex for the LLM linear layers named by ``--lora_target_modules``.
 
     The vision tower has layers with the same short names (Qwen2.5-VL's vision
-    MLP has ``gate_proj``/``up_proj``/``down_proj``), so the regex excludes
-    everything under ``visual.``.
+    MLP has ``gate_proj``/``up_proj``/``down_proj``, LLaVA's CLIP tower
+    ``q_proj``/``k_proj``/``v_proj``), so the regex excludes everything under the
+    family's vision tower and projector modules (``visual.``; ``vision_tower.``,
+    ``multi_modal_projector.``: ``vision_modules``).
 
     Args:
         model: the (unwrapped) Qwen-VL model.
@@ -88,7 +93,29 @@ def lora_target_regex(model: nn.Module, target_modules: str = AUTO) -> str:
                 f"language model; it has {','.join(available)} (or pass {ALL_LINEAR})"
             )
     leaves = "|".join(re.escape(t) for t in wanted)
-    return rf"^(?!(?:.*\.)?visual\.)(?:.*\.)?(?:{leaves})$"
+    roots = "|".join(re.escape(m) for m in vision_modules(model))
+    return rf"^(?!(?:.*\.)?(?:{roots})\.)(?:.*\.)?(?:{leaves})$"
+
+
+def vision_modules(model: nn.Module) -> tuple[str, ...]:
+    """Names of the modules that hold the vision tower and projector of the model's family (``visual`` for Qwen;
+    ``vision_tower``, ``multi_modal_projector`` for LLaVA), never LoRA targets; a model of no registered family:
+    ``visual``.
+
+    Example:
+        >>> vision_modules(llava_model)
+        ('vision_tower', 'multi_modal_projector')
+    """
+    return family_vision_modules(getattr(model, "config", None))
+
+
+def family_vision_modules(config: Any) -> tuple[str, ...]:
+    """``vision_modules`` from a checkpoint's config (None or of no registered family: ``("visual",)``)."""
+    try:
+        family = family_for(config)
+    except ValueError:
+        return ("visual",)
+    return tuple(dict.fromkeys((family.vision_module, *family.projector_modules)))
 
 
 def family_targets(model: nn.Module) -> tuple[str, ...]:
@@ -104,38 +131,54 @@ def family_targets(model: nn.Module) -> tuple[str, ...]:
 def modules_to_save(model: nn.Module, tune_mm_mlp: bool, tune_mm_vision: bool) -> list[str]:
     """Full names of the vision modules that train fully next to the adapters.
 
-    Each direct child of the vision tower that has parameters is listed (the
-    elements of a ModuleList one by one, since peft wraps modules it calls):
-    the merger when ``tune_mm_mlp``, the patch embedding and blocks when
-    ``tune_mm_vision``.
+    The largest modules whose parameters are all projector (when ``tune_mm_mlp``) or all vision tower (when
+    ``tune_mm_vision``) are listed, found by ``classify_parameter`` whatever the family calls them: Qwen's
+    ``visual`` holds both, so its children are listed (the merger; the patch embedding and blocks), LLaVA's
+    ``multi_modal_projector`` and ``vision_tower`` are listed whole. The elements of a ModuleList are listed
+    one by one, since peft wraps modules it calls. A parameter held directly by a module of mixed kinds
+    (LLaVA-NeXT's ``image_newline``) cannot be wrapped: it stays frozen, with a warning.
 
     Example:
         >>> modules_to_save(tiny_model, tune_mm_mlp=True, tune_mm_vision=False)
         ['model.visual.merger']
+        >>> modules_to_save(tiny_llava, tune_mm_mlp=True, tune_mm_vision=True)
+        ['model.vision_tower', 'model.multi_modal_projector']
     """
-    visual = next(((n, m) for n, m in model.named_modules() if n.split(".")[-1] == "visual"), None)
-    if visual is None:
-        return []
-    visual_name, visual_module = visual
-    wanted = {PROJECTOR: tune_mm_mlp, VISION_TOWER: tune_mm_vision}
+    wanted = {PROJECTOR: tune_mm_mlp, VISION_TOWER: tune_mm_vision, LLM: False}
     names: list[str] = []
-    for child_name, child in visual_module.named_children():
-        full = f"{visual_name}.{child_name}"
-        if not any(True for _ in child.parameters()) or not wanted[classify_parameter(f"{full}.weight")]:
-            continue
-        if isinstance(child, nn.ModuleList):
-            names.extend(f"{full}.{i}" for i in range(len(child)))
-        else:
-            names.append(full)
+    left_out: list[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        kinds = {classify_parameter(f"{prefix}.{name}" if prefix else name) for name, _ in module.named_parameters()}
+        if not any(wanted[kind] for kind in kinds):
+            return
+        if len(kinds) == 1:
+            if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+                names.extend(f"{prefix}.{child}" for child, _ in module.named_children())
+            else:
+                names.append(prefix)
+            return
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{prefix}.{name}" if prefix else name
+            if wanted[classify_parameter(full)]:
+                left_out.append(full)
+        for child_name, child in module.named_children():
+            visit(f"{prefix}.{child_name}" if prefix else child_name, child)
+
+    visit("", model)
+    if left_out:
+        logger.warning("LoRA: %s cannot train next to the adapters (a parameter, not a module peft can save "
+                       "whole); it stays frozen", ", ".join(left_out))
     return names
 
 
 # ---------------------------------------------------------------------- QLoRA
-def quantization_config(training_args: Any) -> Any | None:
+def quantization_config(training_args: Any, config: Any = None) -> Any | None:
     """bitsandbytes nf4 config for ``--load_in_4bit`` (QLoRA), or None.
 
-    nf4 with double quantisation and bf16 compute; the vision tower, merger and
-    lm_head stay unquantised so ``--tune_mm_*`` can still train them.
+    nf4 with double quantisation and bf16 compute; the vision tower, projector and
+    lm_head stay unquantised so ``--tune_mm_*`` can still train them
+    (``quantization_skip_modules`` of the checkpoint's ``config``).
 
     Raises:
         ValueError: ``--load_in_4bit`` without ``--lora_enable`` (4-bit weights
@@ -164,8 +207,19 @@ def quantization_config(training_args: Any) -> Any | None:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=["visual", "lm_head"],
+        llm_int8_skip_modules=quantization_skip_modules(config),
     )
+
+
+def quantization_skip_modules(config: Any = None) -> list[str]:
+    """The modules QLoRA leaves unquantised: the family's vision tower and projector (``vision_modules``) and
+    ``lm_head``; without a config (or of no registered family) Qwen's ``visual`` and ``lm_head``.
+
+    Example:
+        >>> quantization_skip_modules(AutoConfig.from_pretrained("llava-hf/llava-1.5-7b-hf"))
+        ['vision_tower', 'multi_modal_projector', 'lm_head']
+    """
+    return [*family_vision_modules(config), "lm_head"]
 
 
 # ----------------------------------------------------------------------- LoRA
@@ -311,7 +365,7 @@ def merge_lora(
     Weights (safetensors), config and generation config come from the merged
     model; the tokenizer, chat template and image processor from the adapter
     folder (``train_qwen`` saves them there, with the training pixel limits),
-    else from the base model.
+    else from the base model (an HF-processor family's whole ``AutoProcessor``).
 
     Args:
         adapter_dir: folder with ``adapter_config.json``.
@@ -337,6 +391,10 @@ def merge_lora(
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     processor_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_path
+    if family_for(model.config).uses_processor_items:  # LLaVA & co.: the whole processor, chat template included
+        family_for(model.config).load_processor(str(processor_source)).save_pretrained(output_dir)
+        logger.info("merged %s into %s -> %s", adapter_dir, base_path, output_dir)
+        return output_dir
     AutoTokenizer.from_pretrained(processor_source).save_pretrained(output_dir)
     image_source = adapter_dir if (Path(adapter_dir) / "preprocessor_config.json").is_file() else base_path
     load_image_processor(str(image_source)).save_pretrained(output_dir)

@@ -411,6 +411,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
     text_config = getattr(host.config, "text_config", host.config)
     if getattr(text_config, "output_router_logits", False):
         return "the MoE model adds its router auxiliary loss inside its own forward"
+    if getattr(text_config, "final_logit_softcapping", None) or getattr(host.config, "final_logit_softcapping", None):
+        return "its logits are soft-capped (Gemma 2: tanh(logits / cap) x cap), which the hidden-state loss does not apply"
     return None
 
 

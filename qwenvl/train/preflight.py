@@ -240,6 +240,8 @@ def vision_factor(model_name_or_path: str, model_config: dict[str, Any]) -> int:
     vision = model_config.get("vision_config") or {}
     patch = settings.get("patch_size") or vision.get("patch_size") or 14
     merge = settings.get("merge_size") or vision.get("spatial_merge_size") or 2
+    if isinstance(patch, (list, tuple)):  # (height, width), e.g. InternVL's vision config: [14, 14]
+        patch = max(patch)
     return int(patch) * int(merge)
 
 

@@ -22,9 +22,11 @@ if str(_REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer, ProcessorMixin  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer, ProcessorMixin  # noqa: E402
+from transformers.integrations import is_deepspeed_zero3_enabled  # noqa: E402
 
 from qwenvl.data.data_qwen import make_supervised_data_module  # noqa: E402
+from qwenvl.data.media_settings import media_values, save_media_settings  # noqa: E402
 from qwenvl.data.vision import VisionConfig  # noqa: E402
 from qwenvl.models import family_for  # noqa: E402
 from qwenvl.models.loading import load_image_processor, model_class_for  # noqa: E402  (also imported from here)
@@ -72,6 +74,28 @@ def set_trainable(model: torch.nn.Module, model_args: ModelArguments) -> None:
         param.requires_grad_(wanted[classify_parameter(name)])
 
 
+def freeze_unread_vision(model: torch.nn.Module, family: Any) -> list[str]:
+    """Freeze the trainable tower parameters an HF-processor family's model never reads
+    (``family.unread_vision_parameters``: LLaVA's last tower layer and final norm), so ``--tune_mm_vision`` trains
+    under DDP without ``--ddp_find_unused_parameters``; their values could not change anyway.
+
+    Skipped under ZeRO-3, whose partitioned weights cannot run outside its engine (and which needs no such care).
+
+    Returns:
+        list[str]: the parameters frozen.
+    """
+    if not family.uses_processor_items or is_deepspeed_zero3_enabled():
+        return []
+    unread = family.unread_vision_parameters(model)
+    parameters = dict(model.named_parameters())
+    for name in unread:
+        parameters[name].requires_grad_(False)
+    if unread:
+        logger.info("froze %d vision parameter(s) the model never reads (its image features come before them): %s",
+                    len(unread), ", ".join(unread[:4]) + (" ..." if len(unread) > 4 else ""))
+    return unread
+
+
 def load_model(model_args: ModelArguments, training_args: TrainingArguments) -> torch.nn.Module:
     """The checkpoint's model, its class chosen by its family (from the config's ``model_type``).
 
@@ -81,13 +105,18 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments) -> 
     if family_for(config).configure_router_aux_loss(config, training_args.router_aux_loss_coef):
         logger.info("MoE: router aux loss on, coefficient %g", config.text_config.router_aux_loss_coef)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    attention = model_args.attn_implementation
+    if attention == "sdpa_packed" and family_for(config).uses_processor_items:
+        # These families train on padded batches only (no flattened rows), and their masks (Gemma 3's image
+        # blocks and sliding window, PaliGemma's prefix) are built by transformers' own sdpa mask.
+        attention = "sdpa"
     model = model_class_for(config).from_pretrained(
         model_args.model_name_or_path,
         config=config,
         cache_dir=training_args.cache_dir,
-        attn_implementation=model_args.attn_implementation,
+        attn_implementation=attention,
         dtype=dtype,
-        quantization_config=quantization_config(training_args),  # --load_in_4bit (QLoRA), else None
+        quantization_config=quantization_config(training_args, config),  # --load_in_4bit (QLoRA), else None
     )
     # Packed rows are split by the text position ids only when no cache is built (SPEC 9).
     model.config.use_cache = False
@@ -97,8 +126,9 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments) -> 
 
 
 def save_processor(tokenizer: Any, image_processor: Any, data_args: Any, output_dir: str) -> None:
-    """Save the tokenizer (chat template included) and the image processor with the pixel limits used in training,
-    so inference preprocesses the same way. A whole processor (HF-processor families) is saved as it was loaded."""
+    """Save the tokenizer (chat template included), the image processor with the pixel limits used in training and
+    the other media flags (``media_settings.json``: resize mode, max size, video sampling), so inference
+    preprocesses the same way. A whole processor (HF-processor families) is saved as it was loaded."""
     if isinstance(image_processor, ProcessorMixin):
         image_processor.save_pretrained(output_dir)
         return
@@ -108,6 +138,8 @@ def save_processor(tokenizer: Any, image_processor: Any, data_args: Any, output_
             setattr(image_processor, attr, int(value))
     tokenizer.save_pretrained(output_dir)
     image_processor.save_pretrained(output_dir)
+    # What preprocessor_config.json cannot hold (resize mode, max size, video sampling): media_settings.json.
+    save_media_settings(media_values(data_args), output_dir)
 
 
 def train(argv: list[str] | None = None) -> Path:
@@ -153,7 +185,7 @@ def _train(model_args: ModelArguments, data_args: Any, training_args: TrainingAr
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
     family = family_for(config)
     if family.uses_processor_items:  # LLaVA & co.: the whole processor (chat template, image processor) builds items
-        image_processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+        image_processor = family.load_processor(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
     else:
         image_processor = load_image_processor(model_args.model_name_or_path, training_args.cache_dir)
     if (checkpoint is not None and 0 < training_args.max_steps <= checkpoint_step(checkpoint)
@@ -194,6 +226,7 @@ def _train(model_args: ModelArguments, data_args: Any, training_args: TrainingAr
 
     model = load_model(model_args, training_args)
     set_trainable(model, model_args)
+    freeze_unread_vision(model, family)
     if training_args.lora_enable:
         # Adapters on the LLM; merger / vision tower train fully per their tune flags (modules_to_save).
         model = apply_lora(model, model_args, training_args)

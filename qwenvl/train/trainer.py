@@ -104,17 +104,36 @@ def build_parameter_groups(
     return groups
 
 
+def module_names(model: nn.Module) -> tuple[str, str, str]:
+    """What the model's family calls its vision tower, projector and language model (for reports).
+
+    Example:
+        >>> module_names(qwen2_5_vl_model), module_names(llava_model)
+        (('visual', 'merger', 'language_model'), ('vision_tower', 'multi_modal_projector', 'language_model'))
+    """
+    try:
+        family = family_for(getattr(model, "config", None))  # a PeftModel forwards its base model's config
+    except ValueError:  # a model of no registered family: the Qwen names
+        return "visual", "merger", "language_model"
+    # HF-processor families name the LLM module they call with inputs_embeds (Idefics3: text_model); Qwen's is
+    # language_model.
+    return family.vision_module, ", ".join(family.projector_modules), getattr(family, "language_module",
+                                                                               "language_model")
+
+
 def describe_trainable(model: nn.Module) -> str:
-    """One line per module: which vision blocks, merger and LLM layers train.
+    """One line per module, named as the model's family names it: which vision blocks, projector and LLM layers
+    train.
 
-    Example output::
+    Example output (Qwen2.5-VL; LLaVA: ``vision tower (vision_tower)``, ``projector (multi_modal_projector)``)::
 
-        vision tower: blocks trainable [] frozen [0, 1]; patch_embed frozen
-        merger: trainable
-        llm: layers trainable [0, 1] frozen []; embed_tokens trainable; lm_head trainable
+        vision tower (visual): blocks trainable [] frozen [0, 1]; patch_embed frozen
+        projector (merger): trainable
+        llm (language_model): layers trainable [0, 1] frozen []; embed_tokens trainable; lm_head trainable
         trainable parameters: 1,234 / 5,678 (21.73%)
     """
-    layer = re.compile(r"(?:^|\.)(blocks|layers)\.(\d+)\.")
+    vision_name, projector_name, llm_name = module_names(model)
+    layer = re.compile(r"(?:^|\.)(blocks|layers|layer)\.(\d+)\.")
     per_layer: dict[tuple[str, int], list[bool]] = defaultdict(list)
     other: dict[str, list[bool]] = defaultdict(list)
     total = trainable = 0
@@ -151,9 +170,9 @@ def describe_trainable(model: nn.Module) -> str:
         return "trainable" if all(flags) else "frozen" if not any(flags) else "partly trainable"
 
     lines = [
-        f"vision tower: blocks {layers_of(VISION_TOWER)}; patch_embed {state('patch_embed')}",
-        f"merger: {state('merger')}",
-        f"llm: layers {layers_of(LLM)}; embed_tokens {state('embed_tokens')}; lm_head {state('lm_head')}",
+        f"vision tower ({vision_name}): blocks {layers_of(VISION_TOWER)}; patch_embed {state('patch_embed')}",
+        f"projector ({projector_name}): {state('merger')}",
+        f"llm ({llm_name}): layers {layers_of(LLM)}; embed_tokens {state('embed_tokens')}; lm_head {state('lm_head')}",
         f"trainable parameters: {trainable:,} / {total:,} ({100.0 * trainable / max(total, 1):.2f}%)",
     ]
     return "\n".join(lines)
@@ -374,7 +393,7 @@ class QwenVLTrainer(Trainer):
         visual = find_submodule(host, family.vision_module) if calls else None
         if visual is None:
             return self._loss(model, inputs, return_outputs, num_items_in_batch)
-        language_model = find_submodule(host, "language_model")
+        language_model = find_submodule(host, getattr(family, "language_module", "language_model"))
         if language_model is None:
             raise RuntimeError(f"{type(host).__name__} has a vision tower but no language_model submodule: "
                                "the dummy vision passes that keep ranks in step have nowhere to run")

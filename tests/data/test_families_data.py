@@ -240,6 +240,7 @@ def test_model_type_keyword_and_family_agree(setups):
                                          model_type="qwen3_vl", model_max_length=8192)
     assert module["train_dataset"].family is family_for("qwen3_vl")
     with pytest.raises(ValueError, match="model_type should be one of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, "
-                                         "llava but found 'mllama'"):
+                                         "llava, llava_next, llava_onevision, internvl, paligemma, idefics3, "
+                                         "smolvlm, gemma3 but found 'mllama'"):
         LazySupervisedDataset(setup.tokenizer, DataArguments(dataset_use="demo_video"), setup.vision_config,
                               model_type="mllama")

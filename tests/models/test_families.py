@@ -93,7 +93,8 @@ def test_family_found_from_tiny_config(tiny_dirs, model_type):
 
 
 def test_unknown_model_type_lists_the_supported_ones():
-    with pytest.raises(ValueError, match="qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava but found 'mllama'"):
+    with pytest.raises(ValueError, match="qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava, llava_next, llava_onevision, "
+                                         "internvl, paligemma, idefics3, smolvlm, gemma3 but found 'mllama'"):
         family_for("mllama")
     with pytest.raises(ValueError, match="but found None"):
         family_for({})

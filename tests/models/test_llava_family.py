@@ -10,70 +10,25 @@ Oracles, none of them the code under test:
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava.processing_llava import LlavaProcessor
 
-from qwenvl.data.data_qwen import LazySupervisedDataset, make_supervised_data_module
 from qwenvl.data.hf_items import ProcessorDataCollator
 from qwenvl.models import LLM, PROJECTOR, VISION_TOWER, family_for
 from qwenvl.models.llava import LLAVA_CHAT_TEMPLATE
-from qwenvl.train.argument import ConfigError, DataArguments
-from qwenvl.train.loss import compute_lm_loss
+from tests.models.family_helpers import (
+    IGNORE, IMAGES, answer_spans, assert_an_all_bad_batch_has_a_zero_loss, assert_data_module_refuses_flattening,
+    assert_dummy_pass, assert_generates, assert_learned_text, assert_logged_steps, assert_loss_is_cross_entropy,
+    assert_padded_rows_are_each_sample_alone, assert_training_is_refused, chat_cases, family_dataset, moved_parameters,
+    oracle, run_training, sgd_args, touches, video_dataset, weightless_copy, write_records)
 
-REPO = Path(__file__).resolve().parents[2]
-IMAGES = REPO / "demo" / "images"
-IGNORE = -100
-
-# (record, hand-written HF messages, image files) for every case the issue names.
-CASES = {
-    "single_image": (
-        {"image": "red_circle.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat shape is this?"}, {"from": "gpt", "value": "A red circle."}]},
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is this?"}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]}],
-        ["red_circle.jpg"],
-    ),
-    "multi_image": (
-        {"image": ["red_circle.jpg", "blue_square.jpg"], "conversations": [
-            {"from": "human", "value": "<image>\n<image>\nWhich one is a circle?"},
-            {"from": "gpt", "value": "The first."}]},
-        [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                      {"type": "text", "text": "Which one is a circle?"}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "The first."}]}],
-        ["red_circle.jpg", "blue_square.jpg"],
-    ),
-    "text_only": (
-        {"conversations": [{"from": "human", "value": "What colour is grass?"}, {"from": "gpt", "value": "Green."}]},
-        [{"role": "user", "content": [{"type": "text", "text": "What colour is grass?"}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "Green."}]}],
-        [],
-    ),
-    "system_multi_turn_grounding": (
-        {"image": "two_shapes.jpg", "conversations": [
-            {"from": "system", "value": "You are a careful assistant."},
-            {"from": "human", "value": "<image>\nWhere is the blue square?"},
-            {"from": "gpt", "value": "[0.531, 0.250, 0.844, 0.667]"},
-            {"from": "human", "value": "And what colour is the other shape?"},
-            {"from": "gpt", "value": "Red."}]},
-        [{"role": "system", "content": [{"type": "text", "text": "You are a careful assistant."}]},
-         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the blue square?"}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "[0.531, 0.250, 0.844, 0.667]"}]},
-         {"role": "user", "content": [{"type": "text", "text": "And what colour is the other shape?"}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}],
-        ["two_shapes.jpg"],
-    ),
-}
+CASES = chat_cases()
 NAMES = list(CASES)
 
 
@@ -91,29 +46,13 @@ def processor(llava_dir):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("llava_data") / "cases.json"
-    records = json.loads(json.dumps([CASES[name][0] for name in NAMES]))
-    for record in records:  # absolute paths: the demo images are not next to this file
-        if "image" in record:
-            images = record["image"] if isinstance(record["image"], list) else [record["image"]]
-            record["image"] = [str(IMAGES / name) for name in images]
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return path
+    return write_records(tmp_path_factory.mktemp("llava_data") / "cases.json", [case[0] for case in CASES.values()])
 
 
 @pytest.fixture(scope="module")
 def dataset(llava_dir, processor, data_file):
-    args = DataArguments(dataset_use=f"{data_file}")
-    family = family_for(AutoConfig.from_pretrained(llava_dir))
-    return LazySupervisedDataset(processor.tokenizer, args, family.vision_defaults.image_config(), family=family,
-                                 model_max_length=4096, processor=processor)
-
-
-def oracle(processor, name):
-    _, messages, files = CASES[name]
-    images = [Image.open(IMAGES / f).convert("RGB") for f in files]
-    text = processor.apply_chat_template(messages)
-    return text, processor(text=text, images=images or None, return_tensors="pt")
+    return family_dataset(processor, data_file, family_for(AutoConfig.from_pretrained(llava_dir)),
+                          model_max_length=4096)
 
 
 def test_the_tiny_checkpoint_loads_like_a_released_one(llava_dir, processor):
@@ -147,7 +86,7 @@ def test_family_parameters_and_registry():
 @pytest.mark.parametrize("name", NAMES)
 def test_the_item_is_what_the_processor_builds(dataset, processor, name):
     item = dataset[NAMES.index(name)]
-    _, expected = oracle(processor, name)
+    _, expected = oracle(processor, CASES[name])
     assert torch.equal(item["input_ids"], expected["input_ids"][0])
     assert torch.equal(item["attention_mask"], expected["attention_mask"][0])
     if CASES[name][2]:
@@ -159,41 +98,26 @@ def test_the_item_is_what_the_processor_builds(dataset, processor, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_labels_are_the_answers_and_their_eos(dataset, processor, llava_dir, name):
-    text, _ = oracle(processor, name)
+    text, _ = oracle(processor, CASES[name])
     tokenizer = processor.tokenizer
     eos = tokenizer.eos_token
-    spans, cursor = [], 0
-    for message in CASES[name][1]:
-        if message["role"] == "assistant":
-            answer = message["content"][0]["text"] + eos
-            start = text.index(answer, cursor)
-            spans.append((start, start + len(answer)))
-            cursor = start + len(answer)
+    spans = answer_spans(text, CASES[name][1], eos)
     plain = tokenizer(text, return_offsets_mapping=True)
-    learned = [any(end > s and start < e for s, e in spans) for start, end in plain["offset_mapping"]]
+    learned = [touches(spans, start, end) for start, end in plain["offset_mapping"]]
     image_id, per_image = tokenizer.convert_tokens_to_ids("<image>"), AutoConfig.from_pretrained(llava_dir).image_seq_length
     expected = []
     for token, learn in zip(plain["input_ids"], learned):
         expected.extend([IGNORE] * per_image if token == image_id else [token if learn else IGNORE])
     labels = dataset[NAMES.index(name)]["labels"]
     assert labels.tolist() == expected
-    answers = [m["content"][0]["text"] for m in CASES[name][1] if m["role"] == "assistant"]
-    assert tokenizer.decode(labels[labels != IGNORE]) == "".join(f" {a}{eos}" for a in answers)
+    assert_learned_text(tokenizer, labels, CASES[name][1], eos, lead=" ")
 
 
 def test_the_loss_equals_cross_entropy_of_the_full_logits(dataset, llava_dir, processor):
     model = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
     batch = ProcessorDataCollator(processor.tokenizer.pad_token_id)([dataset[0], dataset[2], dataset[3]])
     assert batch["pixel_values"].shape == (2, 3, 336, 336) and batch["input_ids"].shape[0] == 3
-    with torch.no_grad():
-        loss = model(**batch).loss
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        chunked, _ = compute_lm_loss(model, batch, impl="chunked", chunk_size=7)
-    labels = batch["labels"]
-    by_hand = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                              ignore_index=IGNORE)
-    torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(chunked, by_hand, rtol=1e-5, atol=1e-6)
+    assert_loss_is_cross_entropy(model, batch)
 
 
 def test_padding_changes_no_sample_s_loss_under_the_training_attention(dataset, llava_dir):
@@ -201,16 +125,7 @@ def test_padding_changes_no_sample_s_loss_under_the_training_attention(dataset, 
     import qwenvl.train.attention  # noqa: F401  (registers sdpa_packed)
 
     model = LlavaForConditionalGeneration.from_pretrained(llava_dir, attn_implementation="sdpa_packed").eval()
-    items = [dataset[1], dataset[2], dataset[3]]
-    batch = ProcessorDataCollator(0)(items)
-    assert (batch["attention_mask"] == 0).any()  # some row is padded
-    with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        for row, item in enumerate(items):
-            alone = ProcessorDataCollator(0)([item])
-            own = model(**{k: v for k, v in alone.items() if k != "labels"}).logits[0]
-            length = len(item["input_ids"])
-            torch.testing.assert_close(logits[row, :length], own, rtol=1e-4, atol=1e-4)
+    assert_padded_rows_are_each_sample_alone(model, [dataset[1], dataset[2], dataset[3]], ProcessorDataCollator(0))
 
 
 # The chat template of the released llava-hf/llava-1.5-7b-hf: answers closed by a space, no eos.
@@ -226,11 +141,7 @@ RELEASED_TEMPLATE = (
 
 
 def test_a_template_without_eos_gets_one_after_each_answer(llava_dir, data_file, tmp_path):
-    folder = tmp_path / "released_template"
-    folder.mkdir()
-    for path in llava_dir.iterdir():
-        if not path.name.endswith(".safetensors"):
-            (folder / path.name).write_bytes(path.read_bytes())
+    folder = weightless_copy(llava_dir, tmp_path / "released_template")
     (folder / "chat_template.jinja").write_text(RELEASED_TEMPLATE, encoding="utf-8")
     processor = AutoProcessor.from_pretrained(folder)
     assert processor.chat_template == RELEASED_TEMPLATE
@@ -241,10 +152,7 @@ def test_a_template_without_eos_gets_one_after_each_answer(llava_dir, data_file,
     eos = processor.tokenizer.eos_token
     text = rendered.replace("0.667] ", f"0.667]{eos} ").replace("Red. ", f"Red.{eos} ")
     expected = processor(text=text, images=[Image.open(IMAGES / "two_shapes.jpg").convert("RGB")], return_tensors="pt")
-    family = family_for("llava")
-    ds = LazySupervisedDataset(processor.tokenizer, DataArguments(dataset_use=str(data_file)),
-                               family.vision_defaults.image_config(), family=family, model_max_length=4096,
-                               processor=processor)
+    ds = family_dataset(processor, data_file, family_for("llava"), model_max_length=4096)
     item = ds[NAMES.index(name)]
     assert torch.equal(item["input_ids"], expected["input_ids"][0])
     labels = item["labels"]
@@ -252,41 +160,24 @@ def test_a_template_without_eos_gets_one_after_each_answer(llava_dir, data_file,
 
 
 def test_an_all_bad_batch_has_a_zero_loss(llava_dir, processor):
-    from qwenvl.data.chat import Problem
-
     model = LlavaForConditionalGeneration.from_pretrained(llava_dir)
-    batch = ProcessorDataCollator(processor.tokenizer.pad_token_id)([Problem("d", "d.json", 0, "missing_media", "x")])
-    batch.pop("bad_samples")
-    with torch.no_grad():
-        assert float(model(**batch).loss) == 0.0
+    assert_an_all_bad_batch_has_a_zero_loss(model, ProcessorDataCollator(processor.tokenizer.pad_token_id))
 
 
 def test_a_video_is_refused_with_file_and_index(llava_dir, processor, tmp_path):
-    path = tmp_path / "video.json"
-    path.write_text(json.dumps([{"video": "a.mp4", "conversations": [
-        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "Nothing."}]}]))
-    family = family_for("llava")
-    ds = LazySupervisedDataset(processor.tokenizer, DataArguments(dataset_use=str(path)),
-                               family.vision_defaults.image_config(), family=family, processor=processor)
+    ds = video_dataset(processor, family_for("llava"), tmp_path)
     with pytest.raises(ValueError, match=r"video.json:0: 1 video\(s\), but the llava family takes images only"):
         ds[0]
 
 
 def test_flattening_is_refused_by_the_data_module(processor):
-    args = DataArguments(dataset_use="demo_text_only", data_flatten=True)
-    family = family_for("llava")
-    with pytest.raises(ValueError, match="not supported for the llava family: its model computes 1-D positions"):
-        make_supervised_data_module(processor.tokenizer, args, family.vision_defaults.image_config(), family=family,
-                                    processor=processor)
+    assert_data_module_refuses_flattening(processor, family_for("llava"),
+                                          "not supported for the llava family: its model computes 1-D positions")
 
 
 @pytest.fixture(scope="module")
 def weightless(llava_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llava_weightless")
-    for path in llava_dir.iterdir():
-        if not path.name.endswith(".safetensors"):
-            (folder / path.name).write_bytes(path.read_bytes())
-    return folder
+    return weightless_copy(llava_dir, tmp_path_factory.mktemp("llava_weightless"))
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -296,63 +187,24 @@ def weightless(llava_dir, tmp_path_factory):
     (["--train_sampling_strategy", "group_by_length"], r"group_by_length: not supported for the llava family"),
 ])
 def test_packing_and_flattening_are_refused_before_the_model_loads(weightless, tmp_path, extra, message):
-    from qwenvl.train.train_qwen import train
-
-    with pytest.raises(ConfigError, match=message):
-        train(["--model_name_or_path", str(weightless), "--dataset_use", "demo_text_only", "--output_dir",
-               str(tmp_path / "out"), "--use_cpu", "True", "--report_to", "none", "--max_steps", "1", "--tune_mm_llm", "True", *extra])
+    assert_training_is_refused(weightless, tmp_path / "out", extra, message)
 
 
 def test_the_dummy_pass_reaches_the_projector_and_leaves_loss_and_gradients_alone(dataset, llava_dir, tmp_path):
     """One process, LLM frozen: a text-only batch runs the tower and projector as a rank of a larger run would."""
-    import transformers
-
-    from qwenvl.train.trainer import QwenVLTrainer
-
     model = LlavaForConditionalGeneration.from_pretrained(llava_dir)
-    for name, param in model.named_parameters():
-        param.requires_grad_(family_for("llava").classify_parameter(name) == PROJECTOR)
-    trainer = QwenVLTrainer(model=model, args=transformers.TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no"))
-    projector = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    calls: list[int] = []
-    handle = model.model.vision_tower.register_forward_pre_hook(lambda *a: calls.append(1))
     collate = ProcessorDataCollator(0)
-    try:
-        for index, expected_calls in ((2, 1), (0, 1)):  # text only: one dummy; an image: its own pass only
-            batch = collate([dataset[index]])
-            calls.clear()
-            model.zero_grad()
-            loss = trainer.compute_loss(model, dict(batch))
-            assert len(calls) == expected_calls
-            if index == 2:
-                loss.backward()
-                assert all(p.grad is not None and not p.grad.any() for p in projector.values())
-                assert torch.equal(loss, model(**batch).loss)
-    finally:
-        handle.remove()
+    # text only: one dummy; an image: its own pass only
+    assert_dummy_pass(model, family_for("llava"), tmp_path, model.model.vision_tower,
+                      [(collate([dataset[2]]), [1]), (collate([dataset[0]]), [1])])
 
 
 @pytest.fixture(scope="module")
 def runs(llava_dir, tmp_path_factory):
     """10 SGD steps on the demo images + text-only data: 1 process x 2 samples, and 2 DDP ranks x 1 sample."""
-    from tests.conftest import free_port, python_env
-
     out = tmp_path_factory.mktemp("llava_runs")
-    common = ["qwenvl/train/train_qwen.py", "--model_name_or_path", str(llava_dir),
-              "--dataset_use", "demo_single_image,demo_multi_image,demo_text_only", "--use_cpu", "True",
-              "--report_to", "none", "--max_steps", "10", "--learning_rate", "0.05", "--optim", "sgd",
-              "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--weight_decay", "0", "--logging_steps", "1",
-              "--save_strategy", "no", "--model_max_length", "4096", "--tune_mm_llm", "True", "--tune_mm_mlp", "True",
-              "--seed", "3", "--dataloader_num_workers", "0"]
-    commands = {
-        "one": [sys.executable, *common, "--output_dir", str(out / "one"), "--per_device_train_batch_size", "2"],
-        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port()), *common, "--output_dir", str(out / "two"), "--per_device_train_batch_size", "1"],
-    }
-    for name, command in commands.items():
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=python_env())
-        assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
+    run_training(sgd_args(llava_dir, out / "one", max_steps=10, batch_size=2), ranks=1)
+    run_training(sgd_args(llava_dir, out / "two", max_steps=10, batch_size=1), ranks=2)
     return out
 
 
@@ -360,17 +212,14 @@ def test_two_ddp_ranks_train_the_same_weights_as_one_process(runs, llava_dir):
     from safetensors.torch import load_file
 
     one, two = load_file(runs / "one" / "model.safetensors"), load_file(runs / "two" / "model.safetensors")
-    start = load_file(llava_dir / "model.safetensors")
-    assert one.keys() == two.keys() == start.keys()
+    assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-    moved = {name for name in one if not torch.equal(one[name], start[name])}
+    moved = moved_parameters(runs / "one", llava_dir)  # the same names as the start's
     kinds = {family_for("llava").classify_parameter(name) for name in moved}  # saved names: the released layout
     assert kinds == {LLM, PROJECTOR}  # --tune_mm_vision False: the tower stays
     for run in ("one", "two"):
-        state = json.loads((runs / run / "trainer_state.json").read_text())
-        losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-        assert state["global_step"] == 10 and len(losses) == 10 and all(np.isfinite(losses))
+        assert_logged_steps(runs / run, 10)
 
 
 def test_the_saved_folder_loads_with_the_auto_classes_and_generates(runs):
@@ -378,9 +227,23 @@ def test_the_saved_folder_loads_with_the_auto_classes_and_generates(runs):
     processor = AutoProcessor.from_pretrained(runs / "one")
     assert isinstance(model, LlavaForConditionalGeneration) and isinstance(processor, LlavaProcessor)
     assert processor.chat_template == LLAVA_CHAT_TEMPLATE
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
-    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True),
-                       images=[Image.open(IMAGES / "red_circle.jpg").convert("RGB")], return_tensors="pt")
-    generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
-    assert torch.equal(generated[0, :inputs["input_ids"].shape[1]], inputs["input_ids"][0])
+    assert_generates(model, processor)
+
+
+def test_the_tower_layer_llava_never_reads_is_found_and_frozen(llava_dir):
+    """LLaVA reads hidden_states[-2] of its CLIP tower: with 2 layers, layer 1 and the final norm are never read."""
+    from qwenvl.train.train_qwen import freeze_unread_vision
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32)
+    unread_prefixes = ("model.vision_tower.encoder.layers.1.",
+                       "model.vision_tower.post_layernorm.")  # by hand, from vision_feature_layer -2
+    expected = [name for name, _ in model.named_parameters() if name.startswith(unread_prefixes)]
+    assert len(expected) == 18  # 16 in the layer (q/k/v/out, 2 norms, 2 MLP linears: weight + bias) + 2 norm
+    assert family_for("llava").unread_vision_parameters(model) == expected
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradient behind
+    assert freeze_unread_vision(model, family_for("llava")) == expected
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == set(expected)
+    for name, param in model.named_parameters():  # frozen: the projector and layer 0 stay trainable
+        if name.startswith("model.multi_modal_projector.") or ".encoder.layers.0." in name:
+            assert param.requires_grad, name

@@ -323,6 +323,38 @@ message_format:
         "A circle.<|im_end|>\n")
 
 
+def test_both_modalities_on_video_takes_precedence_in_a_one_media_part_template(tmp_path, caplog):
+    rows = [{"image_path": "red.jpg", "video_path": "clip.mp4", "query": "What moves?", "response": "A dot."},
+            {"image_path": "red.jpg", "video_path": None, "query": "What shape?", "response": "A circle."},
+            {"image_path": None, "video_path": "clip.mp4", "query": "What moves?", "response": "A dot."},
+            {"image_path": None, "video_path": None, "query": "Hi?", "response": "Hello."}]
+    data_file = write(tmp_path, "mixed.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    collator = write(tmp_path, "collator.yaml", """\
+dataset_columns: {image_column: image_path, video_column: video_path, question_column: query, answer_column: response}
+data_processing: {image_data: true, video_data: true}   # both on: video takes precedence
+message_format:
+  training_messages:
+    - role: user
+      content: [{type: image}, {type: text, text: "{question_column}"}]
+    - role: assistant
+      content: [{type: text, text: "{answer_column}"}]
+""")
+    parse_args([str(collator), "--output_dir", str(tmp_path), "--dataset_use", str(data_file)])
+    with caplog.at_level("WARNING"):
+        store = open_store(resolve_source(str(data_file)))
+    assert store[0] == {"video": "clip.mp4", "conversations": [
+        {"from": "human", "value": "<video>What moves?"}, {"from": "gpt", "value": "A dot."}]}
+    assert store[1] == {"image": "red.jpg", "conversations": [
+        {"from": "human", "value": "<image>What shape?"}, {"from": "gpt", "value": "A circle."}]}
+    assert store[2]["video"] == "clip.mp4" and store[2]["conversations"][0]["value"] == "<video>What moves?"
+    assert store[3].kind == "tag_mismatch"
+    assert "message_format has a {type: image} part but the row has no image or video" in store[3].reason
+    assert store.images_left_out == 1
+    assert "1 row(s) hold images and a video but message_format has one media part: each trains on its video" \
+        in caplog.text
+    set_row_format()
+
+
 def test_a_template_placeholder_without_a_column_names_it(tmp_path):
     data_file = write(tmp_path, "qa.jsonl", json.dumps({"q": "Hi?", "a": "Hello."}) + "\n")
     collator = write(tmp_path, "collator.yaml", "dataset_columns: {question_column: q, answer_column: a}\n"
@@ -357,6 +389,10 @@ def test_the_example_files_train_the_demo_data(tiny_model_dir, tmp_path, capfd):
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]  # 0.25 of 4 steps
+    media = json.loads((output / "media_settings.json").read_text())  # what inference will preprocess with
+    assert (media["image_resize_mode"], media["image_max_size"], media["max_pixels"], media["min_pixels"]) == \
+        ("keep_aspect", 448, 64 * 28 * 28, 4 * 28 * 28)
+    assert (media["video_min_frames"], media["video_max_frames"]) == (8, 8)  # uniform num_frames: 8
     adapter = json.loads((output / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"], adapter["bias"]) == (8, 16, "none")
     assert "logging every 0.25 of the run = every 1 step(s) of 4; saving every 0.5 of the run = every 2 step(s)" \

@@ -280,6 +280,27 @@ def test_select_falls_back_when_the_forward_adds_a_router_loss(tiny_model_dir):
     assert impl == "model" and "router auxiliary loss" in reason
 
 
+def test_select_falls_back_for_soft_capped_logits_and_the_model_s_loss_is_the_capped_one():
+    """Gemma 2 (PaliGemma 2's LLM) soft-caps its logits: the hidden-state loss would train on uncapped ones."""
+    config = transformers.Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                       final_logit_softcapping=2.0)
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config)
+    model.lm_head.weight.data.mul_(50)  # logits well past the cap
+    impl, reason = select_loss_impl(model, "auto")
+    assert impl == "model" and "its logits are soft-capped (Gemma 2" in reason
+    ids = torch.randint(0, 64, (1, 12))
+    hidden = model.model(input_ids=ids).last_hidden_state
+    capped = 2.0 * torch.tanh(model.lm_head(hidden) / 2.0)  # the cap, by hand
+    by_hand = F.cross_entropy(capped[0, :-1], ids[0, 1:])
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, by_hand, atol=1e-5, rtol=0)
+    uncapped = F.cross_entropy(model.lm_head(hidden)[0, :-1], ids[0, 1:])
+    assert abs(uncapped - by_hand) > 1.0  # what the chunked loss would have trained on
+    config.final_logit_softcapping = None
+    assert select_loss_impl(transformers.Gemma2ForCausalLM(config), "auto")[0] == "chunked"
+
+
 def test_select_falls_back_for_a_head_that_is_not_a_plain_linear(tiny_model_dir):
     model = load_model(tiny_model_dir)
     head = model.lm_head

@@ -42,7 +42,7 @@ def test_rerun_resume_and_overwrite(tiny_model_dir, tmp_path, capfd):
                  "data: demo_single_image 12, demo_text_only 8; batches padded",
                  "batch: 2 per device x 1 process(es) x 1 accumulation = 2 samples per optimizer step",
                  "steps: 4 optimizer steps = 0.40 epoch(s) of 20 items (--max_steps 4)",
-                 "merger: trainable"):
+                 "projector (merger): trainable"):
         assert line in text, line
     assert "'loss':" in text  # step 1 (--logging_first_step), although --logging_steps is 10
     assert '"vision_config"' not in text and "Qwen2_5_VLConfig" not in text  # no config dump

@@ -106,6 +106,6 @@ def test_offline_wandb_run_logs_parameter_and_dataset_summaries(tiny_model_dir, 
     for key, value in expected.items():
         assert summary.get(key) == value, key
         assert config.get(key) == value, key
-    assert "merger: trainable" in config["trainable_report"]
+    assert "projector (merger): trainable" in config["trainable_report"]
     history = {key_of(item) for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item}
     assert "train/loss" in history  # the Trainer's own logging still goes through

@@ -75,9 +75,9 @@ def test_lm_head_and_embeddings_follow_the_llm_flag(model):
     assert not model.lm_head.weight.requires_grad
     assert not model.model.language_model.embed_tokens.weight.requires_grad
     report = describe_trainable(model)
-    assert "lm_head frozen" in report and "merger: trainable" in report
-    assert "llm: layers trainable [] frozen [0, 1]" in report
-    assert "vision tower: blocks trainable [0, 1] frozen []" in report
+    assert "lm_head frozen" in report and "projector (merger): trainable" in report
+    assert "llm (language_model): layers trainable [] frozen [0, 1]" in report
+    assert "vision tower (visual): blocks trainable [0, 1] frozen []" in report
 
 
 def test_group_by_length_builds_no_item_to_measure_lengths(tiny_model_dir, tmp_path, monkeypatch):
