@@ -93,11 +93,9 @@ def family_rows(tmp_path: Path, rounds: int) -> list[tuple[str, str, float, floa
 
 def processor_family_rows(tmp_path: Path) -> list[tuple[str, str, float, float]]:
     """``family_rows`` of every HF-processor family in ``FAMILIES`` on the image samples: ``dataset[i]`` through
-    its tiny checkpoint's ``AutoProcessor`` (``ProcessorItemBuilder``), as training builds its items. A family
+    its tiny checkpoint's processor (``family.load_processor``, ``ProcessorItemBuilder``), as training builds its items. A family
     whose processor cannot be built here (an optional package missing, e.g. torchvision) gets a row saying why
     (samples ``skipped``, NaN times)."""
-    from transformers import AutoProcessor
-
     from qwenvl.data.data_qwen import LazySupervisedDataset
     from qwenvl.models import FAMILIES
     from qwenvl.train.argument import DataArguments
@@ -113,7 +111,7 @@ def processor_family_rows(tmp_path: Path) -> list[tuple[str, str, float, float]]
             print(f"{model_type}: no tiny checkpoint here ({exc})", file=sys.stderr)
             rows.append((model_type, "skipped", float("nan"), float("nan")))
             continue
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = family.load_processor(folder)  # without torchvision: the image-text processor
         args = DataArguments(dataset_use="bench_images")
         dataset = LazySupervisedDataset(processor.tokenizer, args, family.vision_defaults.image_config(),
                                         model_max_length=16384, family=family, processor=processor)

@@ -200,7 +200,7 @@ class ProcessorItemBuilder:
     """Builds one training example with the checkpoint's processor (see the module docstring).
 
     Args:
-        processor (Any): ``AutoProcessor.from_pretrained(checkpoint)``.
+        processor (Any): ``family.load_processor(checkpoint)`` (``AutoProcessor``, or its image-text variant).
         family (HFProcessorFamily): the checkpoint's family (``uses_processor_items``).
         train_on_prompt (bool): learn every token but the image tokens (``--train_on_prompt``).
     """
