@@ -362,12 +362,16 @@ class ProcessorPredictor(Predictor):
         tags = sum(text.count(IMAGE_TAG) for role, text in conversation.turns if role == "user")
         if tags != len(images):
             raise ValueError(f"{tags} {IMAGE_TAG} tag(s) in the conversation but {len(images)} image(s)")
-        if self.family.prefix_lm:  # one prompt, no chat template; the processor places the images
-            text, _ = prefix_lm_turns(Conversation(conversation.system, [*conversation.turns, ("assistant", "")]),
-                                      self.family.model_type)
+        opened = [open_image(source, data_path) for source in images]
+        if self.family.prefix_lm:  # one prompt, no chat template: the training prefix, image tokens first
+            prompt, _ = prefix_lm_turns(Conversation(conversation.system, [*conversation.turns, ("assistant", "")]),
+                                        self.family.model_type)
+            if not opened:  # the processor takes no text-only call: its prefix without the image block
+                inputs = self.tokenizer([self.tokenizer.bos_token + prompt + "\n"], return_tensors="pt")
+                return dict(inputs)
+            text = self.family.tokens.image * len(opened) + prompt
         else:
             text = prompt_text(self.processor, conversation_messages(conversation), self.end_of_turn, self.family)
-        opened = [open_image(source, data_path) for source in images]
         inputs = self.processor(text=[text], images=self.family.processor_images(opened), return_tensors="pt",
                                 **self.family.processor_kwargs())
         dtype = next(self.model.parameters()).dtype

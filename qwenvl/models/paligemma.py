@@ -85,6 +85,10 @@ class PaliGemmaFamily(HFProcessorFamily):
     prefix_lm = True
     selects_vision_features = False  # the tower's last hidden state, every patch
 
+    def processor_images(self, images: Sequence[Any]) -> Any:
+        """``[images]``: the one prompt's images nested (the processor pairs images with prompts by the nesting)."""
+        return [list(images)] if images else None
+
     def prefix_lm_inputs(self, processor: Any, prompt: str, answer: str, images: Sequence[Any]) -> dict[str, Any]:
         """What ``PaliGemmaProcessor`` builds for training from ``prompt`` (prefix) and ``answer`` (suffix).
 
@@ -103,7 +107,7 @@ class PaliGemmaFamily(HFProcessorFamily):
             (n, 3, H, W) with images. The processor's own ``labels`` are dropped (the builder makes them).
         """
         if images:
-            encoded = processor(text=[self.tokens.image * len(images) + prompt], images=[list(images)],
+            encoded = processor(text=[self.tokens.image * len(images) + prompt], images=self.processor_images(images),
                                 suffix=[answer], return_tensors="pt", **self.processor_kwargs())
         else:
             tokenizer = processor.tokenizer

@@ -1,10 +1,14 @@
-"""LoRA, then merge, on every HF-processor family (LLaVA's own run is in tests/train/test_hf_family_training.py).
+"""LoRA, then merge, and ``tools/infer.py``'s prompt, on every HF-processor family (LLaVA's own runs are in
+tests/train/test_hf_family_training.py and tests/tools/test_tools_hf_family.py).
 
 Oracles, none of them the code under test:
 - targets: every ``nn.Linear`` under the language model's module (``language_model`` / Idefics3's ``text_model``),
   found here by module path, never one of the tower or the projector;
 - merging: the unmerged peft model's logits on an item of the family's own processor (the adapters' B matrices
-  set to random values first, so the merge changes the weights).
+  set to random values first, so the merge changes the weights);
+- infer's prompt: the processor called here on the chat template's generation prompt, with the call settings each
+  family's released use needs written by hand (Gemma 3: no pan-and-scan, the template writes the bos; OneVision:
+  the sample's images nested, so two images get one tile each; PaliGemma: its prefix, image tokens first).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
+from qwenvl.data.chat import Conversation
 from qwenvl.models import FAMILIES
 from qwenvl.train.argument import ModelArguments, TrainingArguments
 from qwenvl.train.lora import apply_lora
@@ -22,15 +27,61 @@ from tests.conftest import REPO_ROOT
 
 FAMILY_TYPES = [name for name, family in FAMILIES.items() if family.uses_processor_items and name != "llava"]
 LLM_MODULE = re.compile(r"(^|\.)(language_model|text_model)\.")
+IMAGES = REPO_ROOT / "demo" / "images"
+# processor(...) settings of each family's released use, by hand (see the module docstring)
+CALL_KWARGS = {"gemma3": {"do_pan_and_scan": False, "add_special_tokens": False}}
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory) -> dict:
+    """model_type -> its tiny checkpoint, built on first use."""
+    from tools.build_tiny_model import build_tiny_model
+
+    built: dict = {}
+
+    def get(model_type: str):
+        if model_type not in built:
+            built[model_type] = build_tiny_model(tmp_path_factory.mktemp(model_type), model_type=model_type, seed=0)
+        return built[model_type]
+
+    return get
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
-def test_lora_adapts_the_llm_only_and_merges_to_the_same_logits(model_type, tmp_path):
-    from tools.build_tiny_model import build_tiny_model
+def test_infer_prompts_as_the_processor_and_generates(model_type, tiny_dirs):
+    from tools.infer import Predictor
+
+    family = FAMILIES[model_type]
+    folder = tiny_dirs(model_type)
+    predictor = Predictor.from_pretrained(folder)
+    files = [IMAGES / "red_circle.jpg", IMAGES / "blue_square.jpg"]
+    inputs = predictor.encode_prompt(Conversation(None, [("user", "<image>\n<image>\nWhich one is a circle?")]),
+                                     [str(f) for f in files])
+    processor = family.load_processor(folder)
+    images = [Image.open(f).convert("RGB") for f in files]
+    if model_type == "paligemma":
+        expected = processor(text=["<image><image>Which one is a circle?"], images=[images], return_tensors="pt")
+    else:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                 {"type": "text", "text": "Which one is a circle?"}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        expected = processor(text=text, images=[images] if model_type == "llava_onevision" else images,
+                             return_tensors="pt", **CALL_KWARGS.get(model_type, {}))
+    assert inputs.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(inputs[key], expected[key]), key
+    if model_type == "llava_onevision":  # two images: one tile each, not tiled like a lone image
+        assert inputs["pixel_values"].shape[:2] == (2, 1)
+    answer = predictor.generate_ids(inputs, max_new_tokens=2)
+    assert 1 <= len(answer) <= 2
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_lora_adapts_the_llm_only_and_merges_to_the_same_logits(model_type, tiny_dirs, tmp_path):
     from tools.merge_lora import main as merge_main
 
     family = FAMILIES[model_type]
-    base = build_tiny_model(tmp_path / "base", model_type=model_type, seed=0)
+    base = tiny_dirs(model_type)
     model = family.model_class().from_pretrained(base, dtype=torch.float32)
     llm_linears = {name for name, module in model.named_modules()
                    if isinstance(module, torch.nn.Linear) and LLM_MODULE.search(name)}
