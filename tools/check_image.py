@@ -293,8 +293,9 @@ def load_validator(args: argparse.Namespace) -> SampleValidator:
     data_args = media_data_args(args)
     tokenizer = family = settings = None
     config = read_json(Path(args.model_name_or_path) / "config.json") if args.model_name_or_path else None
-    if config is not None and family_for(config).uses_processor_items:
-        return ProcessorSampleValidator(family_for(config).load_processor(args.model_name_or_path), family_for(config),
+    family = family_for(config) if config is not None else None
+    if family is not None and family.uses_processor_items:
+        return ProcessorSampleValidator(family.load_processor(args.model_name_or_path), family,
                                         model_max_length=args.model_max_length, io_retries=args.io_retries)
     if args.model_name_or_path:
         checkpoint = load_checkpoint(args.model_name_or_path, data_args)

@@ -363,17 +363,14 @@ class ProcessorPredictor(Predictor):
         if tags != len(images):
             raise ValueError(f"{tags} {IMAGE_TAG} tag(s) in the conversation but {len(images)} image(s)")
         opened = [open_image(source, data_path) for source in images]
-        if self.family.prefix_lm:  # one prompt, no chat template: the training prefix, image tokens first
+        if self.family.prefix_lm:  # one prompt, no chat template: the training prefix (no answer)
             prompt, _ = prefix_lm_turns(Conversation(conversation.system, [*conversation.turns, ("assistant", "")]),
                                         self.family.model_type)
-            if not opened:  # the processor takes no text-only call: its prefix without the image block
-                inputs = self.tokenizer([self.tokenizer.bos_token + prompt + "\n"], return_tensors="pt")
-                return dict(inputs)
-            text = self.family.tokens.image * len(opened) + prompt
+            inputs = self.family.prefix_lm_inputs(self.processor, prompt, None, opened)
         else:
             text = prompt_text(self.processor, conversation_messages(conversation), self.end_of_turn, self.family)
-        inputs = self.processor(text=[text], images=self.family.processor_images(opened), return_tensors="pt",
-                                **self.family.processor_kwargs())
+            inputs = self.processor(text=[text], images=self.family.processor_images(opened), return_tensors="pt",
+                                    **self.family.processor_kwargs())
         dtype = next(self.model.parameters()).dtype
         return {key: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
                 for key, value in inputs.items()}

@@ -340,7 +340,7 @@ class LazySupervisedDataset(Dataset):
                 builder's ``SampleError``.
         """
         if videos:
-            reason = getattr(self.family, "video_refusal", "")  # why, where the family says
+            reason = self.family.video_refusal  # an HF-processor family's: why, where it says
             raise self.bad(i, f"{len(videos)} video(s), but the {self.family.model_type} family takes images only"
                            + (f": {reason}" if reason else ""), "unsupported_media")
         opened = []

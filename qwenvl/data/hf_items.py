@@ -7,8 +7,8 @@ makes the pixel values: the item holds exactly what the processor returns. Label
 assistant turn as the template renders it (the answer and its end-of-turn token), found as character spans of
 the rendered text (the text the template renders up to the open assistant turn, then up to the answer's end)
 and mapped to tokens by their offsets. A template that closes answers without the tokenizer's eos gets it
-inserted after each answer (``close_answers``): the model must learn to stop. ``LazySupervisedDataset.get_item`` calls ``ProcessorItemBuilder.build``
-for these families.
+inserted after each answer (``close_answers``): the model must learn to stop. ``LazySupervisedDataset.get_item``
+calls ``ProcessorItemBuilder.build`` for these families.
 
 A prefix-LM family (``family.prefix_lm``: PaliGemma) has no chat template: the sample's one prompt is the
 processor's prefix and its one answer the suffix (``prefix_lm_turns``, ``family.prefix_lm_inputs``), and the

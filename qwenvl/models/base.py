@@ -268,6 +268,8 @@ class ModelFamily(ABC):
     uses_processor_items: ClassVar[bool] = False
     # The batch keys of the media the model takes (the trainer's dummy vision passes stand in for missing ones).
     media_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos")
+    # The LLM submodule the model calls with ``inputs_embeds=`` (where the trainer's dummy vision pass attaches).
+    language_module: ClassVar[str] = "language_model"
 
     # ------------------------------------------------------------------ model
     def model_class(self) -> type:

@@ -97,8 +97,7 @@ class HFProcessorFamily(ModelFamily):
             pixel_values (1, images, 3, H, W)): ``collate_media`` gets one value per item of the batch, None where
             the item has no such key, so it can pad as one processor call of several samples pads. False: only
             the values present.
-        language_module (ClassVar[str]): the LLM submodule the model calls with ``inputs_embeds=`` (where the
-            trainer's dummy vision pass attaches); Idefics3 / SmolVLM call theirs ``text_model``.
+        language_module (ClassVar[str]): ``ModelFamily``'s (``language_model``); Idefics3 / SmolVLM: ``text_model``.
         selects_vision_features (ClassVar[bool]): ``get_image_features`` takes the config's
             ``vision_feature_layer`` and ``vision_feature_select_strategy`` (LLaVA-style); PaliGemma, Gemma 3 and
             Idefics3 take neither (``image_features``).
@@ -125,7 +124,6 @@ class HFProcessorFamily(ModelFamily):
     prefix_lm: ClassVar[bool] = False
     expands_image_text: ClassVar[bool] = False
     media_rows_per_item: ClassVar[bool] = False
-    language_module: ClassVar[str] = "language_model"
     selects_vision_features: ClassVar[bool] = True
     media_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
@@ -205,19 +203,19 @@ class HFProcessorFamily(ModelFamily):
         return [features] if isinstance(features, torch.Tensor) and features.dim() == 2 else list(features)
 
     def unread_vision_parameters(self, model: torch.nn.Module) -> list[str]:
-        """Trainable tower and projector parameters the LLM's image inputs do not depend on.
+        """Trainable vision-tower parameters the LLM's image inputs do not depend on (the projector is always read).
 
         LLaVA-style models read a hidden layer before the tower's last (``vision_feature_layer`` -2) and skip its
         pooling head and final norm: those weights never get a gradient, so DDP without
         ``find_unused_parameters`` stops at step 2. Found exactly, not from names: one black image through
-        ``dummy_vision_features`` (the path the model's image features take) and a backward of their sum; a
+        ``dummy_vision_features`` (the path the model's image features take) and the gradient of their sum; a
         parameter the graph does not reach is unread.
 
         Args:
             model (torch.nn.Module): the ``...ForConditionalGeneration``, weights in memory (not ZeRO-3 partitioned).
 
         Returns:
-            list[str]: parameter names, in ``named_parameters`` order (their ``.grad`` is left as it was).
+            list[str]: parameter names, in ``named_parameters`` order (no ``.grad`` is written).
 
         Example:
             >>> LLAVA.unread_vision_parameters(tiny_llava)  # a 2-layer CLIP tower read at layer -2
@@ -225,20 +223,14 @@ class HFProcessorFamily(ModelFamily):
              'model.vision_tower.post_layernorm.bias']
         """
         tower = {name: param for name, param in model.named_parameters()
-                 if param.requires_grad and self.classify_parameter(name) in (VISION_TOWER, PROJECTOR)}
+                 if param.requires_grad and self.classify_parameter(name) == VISION_TOWER}
         if not tower:
             return []
         reference = next(iter(tower.values()))
-        saved = {name: param.grad for name, param in tower.items()}
-        for param in tower.values():
-            param.grad = None
-        try:
-            features = self.dummy_vision_features(model, reference.dtype, reference.device)
-            torch.stack([f.float().sum() for f in features]).sum().backward()
-            return [name for name, param in tower.items() if param.grad is None]
-        finally:
-            for name, param in tower.items():
-                param.grad = saved[name]
+        features = self.dummy_vision_features(model, reference.dtype, reference.device)
+        total = torch.stack([f.float().sum() for f in features]).sum()
+        grads = torch.autograd.grad(total, list(tower.values()), allow_unused=True)  # no .grad is written
+        return [name for name, grad in zip(tower, grads) if grad is None]
 
     # -------------------------------------------------------------- processor
     def vision_settings(self, checkpoint: str | Path | None = None) -> Any:
@@ -271,9 +263,11 @@ class HFProcessorFamily(ModelFamily):
         """
         return torch.cat(values, dim=0)
 
-    def prefix_lm_inputs(self, processor: Any, prompt: str, answer: str, images: Sequence[Any]) -> dict[str, Any]:
-        """A prefix-LM family's processor output for one prompt (prefix) and its answer (suffix): ``input_ids``,
-        ``attention_mask``, ``token_type_ids`` (1, L) and the media keys; only called when ``prefix_lm``.
+    def prefix_lm_inputs(self, processor: Any, prompt: str, answer: str | None,
+                         images: Sequence[Any]) -> dict[str, Any]:
+        """A prefix-LM family's processor output for one prompt (prefix) and its answer (suffix; None: a generation
+        prompt): ``input_ids``, ``attention_mask``, ``token_type_ids`` (1, L) and the media keys; only called when
+        ``prefix_lm``.
 
         Raises:
             NotImplementedError: the family is not a prefix-LM.
@@ -385,7 +379,7 @@ def tiny_vision_config(model_type: str, **settings: Any) -> dict[str, Any]:
 
 
 # Why a ``torchvision_video`` family refuses a video sample (its ``video_refusal``).
-TORCHVISION_VIDEO_REFUSAL = "its video processor needs torchvision, which this project does not install"
+TORCHVISION_VIDEO_REFUSAL = "video training is not supported yet (its video processor needs torchvision, an optional GPU extra)"
 
 
 def black_image(vision_config: Any, dtype: torch.dtype, device: torch.device | str, *leading: int,

@@ -19,8 +19,8 @@ What differs for a user:
   ``<|im_start|>assistant\\n``; learned: each answer and its ``<|im_end|>``. No default system prompt (a system
   turn: ``<|im_start|>system \\n{system}<|im_end|>``).
 - Grounding boxes in answers: relative 0-1 of the image (``[x1, y1, x2, y2]``), as in LLaVA-OneVision's data.
-- Video: refused (a counted bad sample) — its video processor (``LlavaOnevisionVideoProcessor``) needs
-  torchvision, which this project does not install; flattened batches / packing: refused at start-up (1-D
+- Video: not trained yet (a counted bad sample) — its video processor (``LlavaOnevisionVideoProcessor``) needs
+  torchvision, an optional GPU extra; flattened batches / packing: refused at start-up (1-D
   positions from the attention mask).
 - Without torchvision transformers cannot build a ``LlavaOnevisionProcessor``: ``LLAVA_ONEVISION.load_processor``
   then builds ``LlavaOnevisionImageTextProcessor``, the same processor without the video part, from the folder's

@@ -89,30 +89,35 @@ class PaliGemmaFamily(HFProcessorFamily):
         """``[images]``: the one prompt's images nested (the processor pairs images with prompts by the nesting)."""
         return [list(images)] if images else None
 
-    def prefix_lm_inputs(self, processor: Any, prompt: str, answer: str, images: Sequence[Any]) -> dict[str, Any]:
-        """What ``PaliGemmaProcessor`` builds for training from ``prompt`` (prefix) and ``answer`` (suffix).
+    def prefix_lm_inputs(self, processor: Any, prompt: str, answer: str | None,
+                         images: Sequence[Any]) -> dict[str, Any]:
+        """What ``PaliGemmaProcessor`` builds from ``prompt`` (prefix) and ``answer`` (suffix): for training, or
+        for generation when ``answer`` is None (the prefix alone, as the processor is called to generate).
 
         With images: ``processor(text=<image> x n + prompt, images=[images], suffix=answer)``. Text only (the
-        processor requires images): its tokenizer call for the same text, ``<bos>`` + prompt + ``\\n`` paired
-        with answer + ``<eos>``, which is the processor's output without the image block.
+        processor requires images): its tokenizer call for the same text, ``<bos>`` + prompt + ``\\n`` (paired
+        with answer + ``<eos>``), which is the processor's output without the image block.
 
         Args:
             processor (Any): the checkpoint's ``PaliGemmaProcessor``.
             prompt (str): the prompt, without image tags.
-            answer (str): the answer.
+            answer (str | None): the answer; None for a generation prompt.
             images (Sequence[Any]): PIL images (any number).
 
         Returns:
-            dict[str, Any]: ``input_ids``, ``attention_mask``, ``token_type_ids`` (1, L); ``pixel_values``
-            (n, 3, H, W) with images. The processor's own ``labels`` are dropped (the builder makes them).
+            dict[str, Any]: ``input_ids``, ``attention_mask`` (1, L), ``token_type_ids`` (1, L) with an answer;
+            ``pixel_values`` (n, 3, H, W) with images. The processor's own ``labels`` are dropped (the builder
+            makes them).
         """
         if images:
+            suffix = {} if answer is None else {"suffix": [answer]}
             encoded = processor(text=[self.tokens.image * len(images) + prompt], images=self.processor_images(images),
-                                suffix=[answer], return_tensors="pt", **self.processor_kwargs())
+                                return_tensors="pt", **suffix, **self.processor_kwargs())
         else:
             tokenizer = processor.tokenizer
-            encoded = tokenizer([tokenizer.bos_token + prompt + "\n"], text_pair=[answer + tokenizer.eos_token],
-                                return_token_type_ids=True, return_tensors="pt")
+            pair = {} if answer is None else {"text_pair": [answer + tokenizer.eos_token],
+                                              "return_token_type_ids": True}
+            encoded = tokenizer([tokenizer.bos_token + prompt + "\n"], return_tensors="pt", **pair)
         return {key: value for key, value in encoded.items() if key != "labels"}
 
     def tiny_config_kwargs(self, token_ids: dict[str, int]) -> dict[str, Any]:

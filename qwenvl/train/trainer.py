@@ -115,10 +115,7 @@ def module_names(model: nn.Module) -> tuple[str, str, str]:
         family = family_for(getattr(model, "config", None))  # a PeftModel forwards its base model's config
     except ValueError:  # a model of no registered family: the Qwen names
         return "visual", "merger", "language_model"
-    # HF-processor families name the LLM module they call with inputs_embeds (Idefics3: text_model); Qwen's is
-    # language_model.
-    return family.vision_module, ", ".join(family.projector_modules), getattr(family, "language_module",
-                                                                               "language_model")
+    return family.vision_module, ", ".join(family.projector_modules), family.language_module
 
 
 def describe_trainable(model: nn.Module) -> str:
@@ -393,9 +390,9 @@ class QwenVLTrainer(Trainer):
         visual = find_submodule(host, family.vision_module) if calls else None
         if visual is None:
             return self._loss(model, inputs, return_outputs, num_items_in_batch)
-        language_model = find_submodule(host, getattr(family, "language_module", "language_model"))
+        language_model = find_submodule(host, family.language_module)
         if language_model is None:
-            raise RuntimeError(f"{type(host).__name__} has a vision tower but no language_model submodule: "
+            raise RuntimeError(f"{type(host).__name__} has a vision tower but no {family.language_module} submodule: "
                                "the dummy vision passes that keep ranks in step have nowhere to run")
         done: list[bool] = []
 

@@ -194,8 +194,8 @@ def test_a_video_is_refused_with_file_and_index(processor, tmp_path):
     ds = video_dataset(processor, family_for("llava_onevision"), tmp_path, bad_sample_policy="skip")
     problem = ds[0]
     assert (problem.kind, problem.index) == ("unsupported_media", 0)
-    assert problem.reason == ("1 video(s), but the llava_onevision family takes images only: its video processor "
-                              "needs torchvision, which this project does not install")
+    assert problem.reason == ("1 video(s), but the llava_onevision family takes images only: video training is "
+                              "not supported yet (its video processor needs torchvision, an optional GPU extra)")
     if not HAS_TORCHVISION:
         with pytest.raises(ValueError, match="LlavaOnevisionImageTextProcessor takes images and text only, but found "
                                              "videos: LlavaOnevisionProcessor's video processor needs torchvision"):
